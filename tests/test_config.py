@@ -83,7 +83,7 @@ def toy(*overrides, path=None) -> Toy:
 def test_defaults():
     cfg = load_config()
     assert cfg == Config()
-    assert cfg.max_steps == 400 and cfg.algo.estimator == "rloo" and cfg.train.lr == 2e-4
+    assert cfg.max_steps == 600 and cfg.algo.estimator == "rloo" and cfg.train.lr == 2e-4
     validate_config(Config())  # the schema's own defaults pass their checks
 
 
@@ -386,7 +386,7 @@ def test_bad_base_is_rejected():
 
 def test_config_to_dict_is_nested_plain_data():
     d = config_to_dict(Config())
-    assert d["max_steps"] == 400 and d["algo"]["estimator"] == "rloo" and isinstance(d["train"], dict)
+    assert d["max_steps"] == 600 and d["algo"]["estimator"] == "rloo" and isinstance(d["train"], dict)
     assert config_to_dict(Toy())["pair"] == [1, 2]
 
 
@@ -426,7 +426,7 @@ def test_format_help_lists_every_key():
     assert "algo options:" in text and "general options:" in text
     assert "algo.estimator (str, default rloo)" in text
     assert "[choices: grpo|dr_grpo|rloo|reinforce|reinforce_pp|kae|astar|gae]" in text
-    assert "max_steps (int, default 400) training steps, one rollout batch each" in text
+    assert "max_steps (int, default 600) training steps, one rollout batch each" in text
     assert 'model.name_or_path (str, default "")' in text
 
 

@@ -39,12 +39,12 @@ def test_reward_goes_up(tmp_path, tiny_model_dir, estimator):
 
 
 def test_micro_batch_split_gives_same_update(tmp_path, tiny_model_dir):
-    """One step with micro_batch 32, 16 or 8 leaves identical weights (normaliser is global)."""
+    """One step with micro_batch 64, 16 or 8 leaves identical weights (normaliser is global)."""
     weights = []
-    for mb in (32, 16, 8):
+    for mb in (64, 16, 8):
         cfg = load_config(overrides=[
             f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / str(mb)}", "max_steps=1",
-            "eval_every=0", "rollout.batch_prompts=8", "rollout.group_size=4", "rollout.max_new_tokens=8",
+            "eval_every=0", "rollout.batch_prompts=16", "rollout.group_size=4", "rollout.max_new_tokens=8",
             "train.warmup_steps=0", "train.lr=1e-2", f"train.micro_batch={mb}", "algo.loss_agg=token-mean"])
         train(cfg, task=_toy_task())
         weights.append(load_file(tmp_path / str(mb) / "model" / "model.safetensors"))
@@ -53,3 +53,15 @@ def test_micro_batch_split_gives_same_update(tmp_path, tiny_model_dir):
     for other in weights[1:]:
         for name, value in weights[0].items():
             torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    from frugalrl.trainer import lr_factor
+
+    cfg = load_config(overrides=["train.lr_schedule=cosine", "train.warmup_steps=10", "max_steps=110"])
+    assert lr_factor(cfg, 0) == pytest.approx(0.1) and lr_factor(cfg, 9) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60) == pytest.approx(0.5)      # half-way through the decay: cos(pi/2)
+    assert lr_factor(cfg, 110) == pytest.approx(0.0)
+    constant = load_config(overrides=["train.lr_schedule=constant", "train.warmup_steps=10", "max_steps=110"])
+    assert lr_factor(constant, 100) == 1.0

@@ -1,4 +1,5 @@
-"""Command line: ``frugalrl train|sft|eval|demo|vstar [--config FILE] [key=value ...]``."""
+"""Command line: ``frugalrl train|sft|eval|demo|vstar [--config FILE] [key=value ...]`` and
+``frugalrl bench NAME [--config FILE] [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from frugalrl import bench
 from frugalrl.config import ConfigError, format_help, load_config
 
 COMMANDS = {
@@ -19,6 +21,8 @@ COMMANDS = {
     "demo": "the embedded default end to end: accuracy before and after RL",
     "vstar": "A*-PO stage 1: V* of every training prompt from algo.vstar_n samples of the starting model, "
              "cached for `train algo.estimator=astar`",
+    "bench": "measurements written to bench/results/: value (baseline MSE per estimator) or rollout "
+             "(generation throughput)",
 }
 
 
@@ -30,8 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=format_help(),
+        epilog = format_help() if name != "bench" else bench.options_help() + "\nrun config:\n" + format_help()
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "bench":
+            p.add_argument("bench", choices=list(bench.BENCHES), help="; ".join(f"{k}: {v}" for k, v in
+                                                                               bench.BENCHES.items()))
         p.add_argument("--config", metavar="FILE", help="YAML file of options (overridden by key=value pairs)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. max_steps=100")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -69,6 +77,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def _run(args, console: Console) -> int:
+    if args.command == "bench":
+        print(json.dumps(bench.run(args.bench, args.config, args.overrides, console)))
+        return 0
     cfg = _config(args)
     if args.command in ("train", "demo"):
         from frugalrl.trainer import train

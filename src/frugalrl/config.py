@@ -170,6 +170,8 @@ class AlgoConfig:
 class TrainConfig:
     lr: float = opt(2e-4, "AdamW learning rate (3e-4 collapses the embedded model; see README)", gt=0)
     warmup_steps: int = opt(10, "linear learning-rate warm-up steps", min=0)
+    lr_schedule: str = opt("cosine", "learning rate after warm-up: constant, or cosine decay to 0 at max_steps",
+                           choices=("constant", "cosine"))
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip (0 = off)", min=0)
     micro_batch: int = opt(64, "sequences per forward/backward pass (gradient accumulation)", min=1)
@@ -204,7 +206,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    max_steps: int = opt(400, "training steps, one rollout batch each (and train.ppo_epochs x "
+    max_steps: int = opt(600, "training steps, one rollout batch each (and train.ppo_epochs x "
                          "train.mini_batches optimizer steps)", min=1)
     seed: int = opt(0, "random seed (python, numpy, torch, data)", min=-2**63, max=2**64 - 1)  # torch's range
     output_dir: str = opt("runs/latest", "run directory: config, metrics, plots, checkpoints, final model")
@@ -214,7 +216,7 @@ class Config:
                           "SIGINT/SIGTERM checkpoint anyway)", min=0)
     save_total_limit: int = opt(0, "keep only the newest N checkpoints (0 = keep all)", min=0)
     eval_every: int = opt(50, "evaluate every N steps (0 = off)", min=0)
-    max_wall_s: float = opt(540.0, "stop after this many seconds of training, evaluation excluded (0 = no limit)", min=0)
+    max_wall_s: float = opt(480.0, "stop after this many seconds of training, evaluation excluded (0 = no limit)", min=0)
     threads: int = opt(0, "torch CPU threads (0 = torch's default)", min=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

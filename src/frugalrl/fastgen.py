@@ -309,19 +309,22 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
 
 
-def _categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _categorical(probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of ``probs`` (B, V) by inverse CDF: B uniforms instead of the B*V
-    exponentials of ``torch.multinomial`` (several times faster at these sizes).
+    exponentials of ``torch.multinomial`` (several times faster at these sizes). ``u``: the
+    (B,) uniforms in (0, 1] to use, else they are drawn from ``generator``.
 
     u is in (0, 1], so the target u * total is > 0 and <= the last cumulative value: the first
     index whose cumulative mass reaches it always has nonzero probability.
     """
     cum = probs.cumsum(-1)
-    u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, dtype=cum.dtype, generator=generator)
+    if u is None:
+        u = 1.0 - torch.rand(probs.shape[0], device=probs.device, dtype=cum.dtype, generator=generator)
+    u = u.to(device=cum.device, dtype=cum.dtype).unsqueeze(1)
     return torch.searchsorted(cum, u * cum[:, -1:]).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
-def _pick(logits, greedy, temperature, top_p, generator):
+def _pick(logits, greedy, temperature, top_p, generator, u=None):
     scores = logits.float()  # as generate: processors and sampling in float32
     if greedy:
         return scores.argmax(-1)
@@ -329,7 +332,7 @@ def _pick(logits, greedy, temperature, top_p, generator):
         scores = scores / temperature
     if top_p < 1.0:
         scores = _top_p_filter(scores, top_p)
-    return _categorical(scores.softmax(-1), generator)
+    return _categorical(scores.softmax(-1), generator, u)
 
 
 # Prompts are prefilled this many rows at a time (activations stay in cache; measured faster).
@@ -384,13 +387,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              max_new_tokens: int, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
-             return_logits: bool = False, compact: bool = True) -> FastOutput:
+             uniforms: torch.Tensor | None = None, return_logits: bool = False,
+             compact: bool = True) -> FastOutput:
     """Continue each left-padded prompt row of ``input_ids`` by up to ``max_new_tokens`` tokens.
 
     Equivalent to ``model.generate(input_ids, attention_mask=..., do_sample=not greedy,
     temperature=..., top_p=..., top_k=0, max_new_tokens=..., eos_token_id=..., pad_token_id=...)``
     minus the prompt columns (greedy: token for token). ``compact`` drops finished sequences
-    from the batch as they accumulate. The result is on ``input_ids``' device and is an ordinary
+    from the batch as they accumulate. ``uniforms`` (B, >= max_new_tokens), values in (0, 1]:
+    token t of row b is the inverse-CDF draw at ``uniforms[b, t]`` (else drawn from
+    ``generator``), so that a row's sample does not depend on the other rows of its batch
+    (data-parallel ranks then sample what one process would). The result is on ``input_ids``' device and is an ordinary
     tensor (usable in autograd graphs, unlike inference-mode tensors).
     """
     if max_new_tokens < 1:
@@ -413,6 +420,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             pad_token_id = eos[0] if eos else 0
         B, P = ids.shape
         T, M = max_new_tokens, P + max_new_tokens
+        if uniforms is not None:
+            if uniforms.shape[0] != B or uniforms.shape[1] < T:
+                raise ValueError(f"uniforms must be (B={B}, >= max_new_tokens={T}), got {tuple(uniforms.shape)}")
+            uniforms = uniforms.to(dev)
         nkv, g, d = net.n_kv, net.n_heads // net.n_kv, net.head_dim
         tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=dev)
         out_logits = None
@@ -437,7 +448,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if t > 0:
                 logits = net.decode(nxt, P + t - 1, cos_t[:, t - 1, None], sin_t[:, t - 1, None],
                                     k_cache, v_cache, key_bias)
-            nxt = _pick(logits, greedy, temperature, top_p, generator)
+            u = None if uniforms is None else uniforms[:, t] if rows is None else uniforms[rows, t]
+            nxt = _pick(logits, greedy, temperature, top_p, generator, u)
             if not eos:
                 tokens[:, t] = nxt
                 if out_logits is not None:

@@ -92,6 +92,14 @@ def resolve_model_path(cfg, console: Console | None = None) -> Path:
     return path
 
 
+def policy_device(cfg) -> str:
+    """Where the policy lives: ``model.device``, with auto = cuda when torch sees a GPU, else cpu."""
+    device = cfg.model.device if cfg.model.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device=cuda, but torch sees no CUDA GPU; use model.device=cpu (or auto)")
+    return device
+
+
 def load_policy(cfg, console: Console | None = None):
     """(model, tokenizer) in training mode, in ``model.dtype`` on ``model.device``; the tokenizer
     pads on the left.
@@ -112,10 +120,7 @@ def load_policy(cfg, console: Console | None = None):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot load a causal language model ({str(e).strip().splitlines()[0]}); "
                          "give a directory written by save_pretrained (config.json and weights)") from e
-    device = cfg.model.device if cfg.model.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device=cuda, but torch sees no CUDA GPU; use model.device=cpu (or auto)")
-    model.to(device)
+    model.to(policy_device(cfg))
     model.train()
     return model, tokenizer
 

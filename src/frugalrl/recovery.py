@@ -171,11 +171,15 @@ class MetricsLog:
 
     ``keep_through=STEP`` (resuming) keeps the rows up to that step and drops later ones, which
     belong to steps that will run again. Each row is fsynced, so a checkpoint never gets ahead
-    of the log it is resumed with.
+    of the log it is resumed with. ``path=None`` keeps the rows in memory only (the ranks of a
+    torchrun job other than rank 0).
     """
 
-    def __init__(self, path: Path, keep_through: int | None = None):
+    def __init__(self, path: Path | None, keep_through: int | None = None):
         self.path = path
+        if path is None:
+            self.rows = []
+            return
         self.rows = [] if keep_through is None or not path.is_file() else \
             [r for r in _read_rows(path) if r.get("step", 0) <= keep_through]
         tmp = path.with_name(path.name + ".tmp")
@@ -184,6 +188,8 @@ class MetricsLog:
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

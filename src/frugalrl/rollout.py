@@ -6,11 +6,13 @@ training forward pass sees exactly the token positions that generation saw.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from frugalrl import fastgen
+from frugalrl.distributed import private_rng
 
 
 @dataclass
@@ -90,15 +92,33 @@ def make_rollout(tokenizer, enc, completion: torch.Tensor) -> Rollout:
 _BACKENDS = ("auto", "hf", "fast")
 
 
+@contextmanager
+def _rng_from(uniforms: torch.Tensor | None, device: torch.device):
+    """Without ``uniforms``, nothing; with them, a private torch RNG (CPU and ``device``) seeded
+    from their first value, restored on exit."""
+    if uniforms is None:
+        yield
+        return
+    with private_rng(device):
+        torch.manual_seed(int(float(uniforms.flatten()[0]) * 2**52))
+        yield
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False, backend: str = "auto") -> Rollout:
+             top_p: float = 1.0, greedy: bool = False, backend: str = "auto",
+             uniforms: torch.Tensor | None = None) -> Rollout:
     """One completion per entry of ``prompts`` (repeat a prompt G times for a group of G).
 
     ``backend``: "fast" samples with :mod:`frugalrl.fastgen` (Llama / Qwen2 models only), "hf"
     with Hugging Face ``generate``, "auto" (default) with fastgen wherever it supports the model.
     Both sample from softmax(logits / temperature) after top-p; fastgen ignores any other
     settings in ``model.generation_config``.
+
+    ``uniforms`` (N, >= max_new_tokens) in (0, 1] fix the random draws: fastgen draws token t of
+    completion n at ``uniforms[n, t]``, the same whatever else is in the batch; Hugging Face
+    ``generate`` samples from a private RNG seeded from them. Either way the global torch RNG
+    is not advanced.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -109,16 +129,17 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
         completion = fastgen.generate(
             model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            temperature=temperature, top_p=top_p, greedy=greedy).tokens
+            temperature=temperature, top_p=top_p, greedy=greedy, uniforms=uniforms).tokens
     else:
         was_training = model.training
         model.eval()
         # top_k=0: HF samples from the top 50 tokens by default, a silent truncation we don't want.
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-        out = model.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=not greedy,
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, **sampling)
+        with _rng_from(uniforms, device):
+            out = model.generate(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=not greedy,
+                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, **sampling)
         model.train(was_training)
         completion = out[:, enc["input_ids"].shape[1]:]
     return make_rollout(tokenizer, enc, completion)

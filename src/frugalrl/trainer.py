@@ -17,10 +17,12 @@ A*-PO computes V* (``vstar.py``, stage 1, cached). One step:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,16 +30,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from frugalrl import checkpoint, recovery, vstar
+from frugalrl import checkpoint, distributed, recovery, vstar
 from frugalrl.advantages import get_estimator
 from frugalrl.config import Config, save_config
 from frugalrl.data import PromptSampler, Task, load_task
 from frugalrl.evaluation import evaluate, score
-from frugalrl.models import check_prompt_lengths, load_policy, prepare_for_training, resolve_model_path
+from frugalrl.models import (check_prompt_lengths, load_policy, policy_device, prepare_for_training,
+                             resolve_model_path)
 from frugalrl.plots import plot_run
 from frugalrl.prompts import format_task
 from frugalrl.rewards import build_reward
-from frugalrl.rollout import generate
+from frugalrl.rollout import Rollout, generate
 from frugalrl.update import Learner
 from frugalrl.vllm_rollout import VLLMRollout
 
@@ -46,6 +49,18 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Multiplier of ``train.lr`` after ``step`` optimizer steps: linear warm-up, then constant
+    or a cosine decay that reaches 0 at ``max_steps``."""
+    warmup = max(1, cfg.train.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.train.lr_schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def build_estimator(cfg: Config, v_star: dict[str, float] | None = None):
@@ -130,82 +145,118 @@ def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict],
     console.print(table)
 
 
-def train(cfg: Config, console: Console | None = None, task: Task | None = None) -> RunResult:
+def train(cfg: Config, console: Console | None = None, task: Task | None = None,
+          on_step: Callable[[int, Any, list[dict], Rollout, torch.Tensor], None] | None = None) -> RunResult:
     """Run RL as ``cfg`` says; write the run directory; return before/after accuracy.
 
+    ``on_step(step, model, rows, rollout, rewards)``, when given, is called after each step's
+    optimizer update and metrics row: ``rows`` are the step's prompt rows, ``rollout`` its
+    samples and ``rewards`` their rewards (this rank's share under torchrun). Benchmarks use it
+    to probe the policy along a run; its time is not counted in ``wall_s``.
     ``cfg.resume`` continues that run from its newest complete checkpoint (``recovery``).
     SIGINT/SIGTERM finish the current step, checkpoint it and raise ``TrainingInterrupted``;
     ``train.max_bad_steps`` non-finite steps in a row raise ``TrainingDiverged``.
+    Under ``torchrun`` every rank runs this function (``distributed.py`` says how the work is
+    split); rank 0 evaluates, logs and writes the run directory.
     """
-    console = console or Console()
+    dist = distributed.init(policy_device(cfg))
+    try:
+        return _train(cfg, console or Console(), task, on_step, dist)
+    finally:
+        distributed.close(dist)
+
+
+def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: distributed.Dist) -> RunResult:
+    if not dist.is_main:  # rank 0 speaks for the run
+        console = Console(quiet=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
+    shard = dist.shard(cfg.rollout.batch_prompts)
     run_dir = Path(cfg.output_dir)
-    resume_from = recovery.checkpoint_to_resume(cfg)
+    resume_from = dist.main_first(lambda: recovery.checkpoint_to_resume(cfg))
 
-    task, model, tokenizer, dropped = load_inputs(cfg, console, task)
+    set_seed(cfg.seed)
+    task, model, tokenizer, dropped = dist.main_first(lambda: load_inputs(cfg, console, task))
     prompt_counts = f"{len(task.train_rows)} / {len(task.eval_rows)}"
     if cfg.data.max_prompt_tokens:
         prompt_counts += f" ({dropped['train']} / {dropped['eval']} dropped: > {cfg.data.max_prompt_tokens} tokens)"
     v_star = None
     if cfg.algo.estimator == "astar":  # A*-PO stage 1, from the starting weights (cached)
-        v_star, train_rows = vstar.prepare(cfg, model, tokenizer, task, console)
+        v_star, train_rows = dist.main_first(lambda: vstar.prepare(cfg, model, tokenizer, task, console))
         task = Task(train_rows, task.eval_rows, task.reward_fn)
+    # Again: building the embedded SFT model or V* (or finding them cached) must not change
+    # what the run draws.
+    set_seed(cfg.seed)
     model = prepare_for_training(model, cfg)
+    device = next(model.parameters()).device
     vllm_engine = VLLMRollout.create(resolve_model_path(cfg), tokenizer, cfg) if cfg.rollout.backend == "vllm" else None
     estimator = build_estimator(cfg, v_star)
     sampler = PromptSampler(task.train_rows, cfg.rollout.batch_prompts, cfg.data.sticky_steps, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]  # under LoRA, the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    learner = Learner(model, optimizer, cfg)
-    warmup = max(1, cfg.train.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    learner = Learner(model, optimizer, cfg, dist)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     run = recovery.Resumable(model, tokenizer, optimizer, scheduler, learner, estimator, sampler, task.train_rows)
     wall, samples, start = 0.0, 0, 0
     if resume_from:
         state = recovery.restore_training_state(resume_from, run)
         wall, samples, start = state["wall_s"], state["samples"], state["step"]
         console.print(f"resuming from {resume_from} (step {start})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(replace(cfg, resume=""), run_dir / "config.yaml")  # usable as --config for a fresh run
-    metrics = recovery.MetricsLog(run_dir / "metrics.jsonl", keep_through=start if resume_from else None)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(replace(cfg, resume=""), run_dir / "config.yaml")  # usable as --config for a fresh run
+    metrics = recovery.MetricsLog(run_dir / "metrics.jsonl" if dist.is_main else None,
+                                  keep_through=start if resume_from else None)
     G, ro_cfg = cfg.rollout.group_size, cfg.rollout
 
-    def run_eval(step: int) -> dict:
-        result = evaluate(model, tokenizer, task.eval_rows, task.reward_fn, max_new_tokens=ro_cfg.max_new_tokens,
-                          pass_k=cfg.eval.pass_k, temperature=cfg.eval.temperature)
-        row = {"step": step, "wall_s": round(wall, 3), "samples": samples,
-               **{f"eval_{k}": v for k, v in result.items()}}
-        metrics.log(row)
+    def run_eval(step: int) -> dict | None:
+        """Rank 0 evaluates (the others wait); its sampling does not touch the shared RNG."""
+        row = None
+        if dist.is_main:
+            with distributed.private_rng(device):
+                result = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
+                                  max_new_tokens=ro_cfg.max_new_tokens, pass_k=cfg.eval.pass_k,
+                                  temperature=cfg.eval.temperature)
+            row = {"step": step, "wall_s": round(wall, 3), "samples": samples,
+                   **{f"eval_{k}": v for k, v in result.items()}}
+            metrics.log(row)
+            evals.append(row)
+        dist.barrier()
         return row
 
     evals = [r for r in metrics.rows if "eval_accuracy" in r]  # the earlier ones, when resuming
     if cfg.eval_every and not resume_from:
-        evals.append(run_eval(0))
+        run_eval(0)
     step, bad_steps = start, 0
     with _progress(console) as progress, recovery.StopSignals() as stop:
         bar = progress.add_task("train", total=cfg.max_steps, completed=start, info="")
         for step in range(start + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
-            rows = sampler.next()
+            batch = sampler.next()  # the global batch: the same on every rank
+            # one uniform per sample and token of the global batch: a sample's tokens do not
+            # depend on which rank generates it
+            uniforms = 1.0 - torch.rand(len(batch) * G, ro_cfg.max_new_tokens)
+            rows, uniforms = batch[shard], uniforms[shard.start * G:shard.stop * G]
             prompts = [r["prompt"] for r in rows for _ in range(G)]
             sampling = dict(max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p)
             rollout = (vllm_engine.generate(model, prompts, **sampling) if vllm_engine
-                       else generate(model, tokenizer, prompts, **sampling))
+                       else generate(model, tokenizer, prompts, uniforms=uniforms, **sampling))
             t_gen = time.perf_counter() - t0
             rewards = score(task.reward_fn, rows, rollout.texts, G)
-            est = estimator.estimate(rewards, [r["id"] for r in rows for _ in range(G)], step)
-            update = learner.update(rollout, rewards, est.advantages)
+            all_rewards = dist.gather(rewards)  # the estimator sees the global batch
+            est = estimator.estimate(all_rewards, [r["id"] for r in batch for _ in range(G)], step)
+            update = learner.update(rollout, rewards, est.advantages[shard.start * G:shard.stop * G])
             scheduler.step()
-            dt = time.perf_counter() - t0
+            dist.sync_rng()
+            # the slowest rank's time, so that every rank agrees on max_wall_s
+            dt = dist.max([time.perf_counter() - t0])[0]
             wall += dt
-            samples += len(rollout)
-            row = {"step": step, "reward_mean": rewards.mean().item(), "loss": update.pop("loss"),
+            generated, truncated = dist.sum([rollout.completion_mask.sum().item(), rollout.truncated.sum().item()])
+            samples += len(all_rewards)
+            row = {"step": step, "reward_mean": all_rewards.mean().item(), "loss": update.pop("loss"),
                    "wall_s": round(wall, 3), "samples": samples, "step_s": round(dt, 3),
                    "gen_s": round(t_gen, 3), "lr": scheduler.get_last_lr()[0],
-                   "tokens_generated": int(rollout.completion_mask.sum().item()),
-                   "truncation_rate": rollout.truncated.float().mean().item(),
+                   "tokens_generated": int(generated), "truncation_rate": truncated / len(all_rewards),
                    "baseline_mean": est.baselines.mean().item(), **update, **est.metrics,
                    # per-function means, errors and timeouts when reward.funcs combines several
                    **getattr(task.reward_fn, "last_stats", {})}
@@ -213,29 +264,36 @@ def train(cfg: Config, console: Console | None = None, task: Task | None = None)
                 row.update(train_prompts=len(task.train_rows), eval_prompts=len(task.eval_rows),
                            prompts_dropped=dropped["train"] + dropped["eval"])
             metrics.log(row)
+            if on_step is not None:
+                on_step(step, model, rows, rollout, rewards)
             bad_steps = bad_steps + 1 if update["bad_step"] else 0
             if bad_steps >= cfg.train.max_bad_steps:
                 raise recovery.TrainingDiverged(bad_steps, step, run_dir)
             info = f"reward {row['reward_mean']:.2f}"
             out_of_time = bool(cfg.max_wall_s) and wall >= cfg.max_wall_s
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time):
-                evals.append(run_eval(step))
+                run_eval(step)
             if evals:
                 info += f"  acc {evals[-1]['eval_accuracy']:.2f}"
             progress.update(bar, advance=1, info=info)
-            signum = stop.signum  # read once: a signal arriving later is handled after the next step
+            # read once, and agreed on by every rank: a signal arriving later is handled after the next step
+            signum = int(dist.max([stop.signum or 0])[0])
             saved = None
             if not bad_steps and (signum or _checkpoint_due(cfg, step, out_of_time)):  # never a bad step's
-                saved = recovery.save_training_checkpoint(run_dir, step, run, {"wall_s": wall, "samples": samples},
-                                                          keep=cfg.save_total_limit)
+                if dist.is_main:
+                    saved = recovery.save_training_checkpoint(run_dir, step, run, {"wall_s": wall, "samples": samples},
+                                                              keep=cfg.save_total_limit)
+                dist.barrier()
             if signum:
                 raise recovery.TrainingInterrupted(signum, step, run_dir, saved)
             if out_of_time:
                 break
 
-    checkpoint.save_model(run_dir / "model", model, tokenizer, cfg.lora.save)
-    plot_run(metrics.rows, run_dir / "training.png", title=f"{cfg.algo.estimator} on {cfg.data.source}")
-    _summary(console, cfg, metrics.rows, evals, prompt_counts)
-    console.print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, training.png, model/)")
+    if dist.is_main:
+        checkpoint.save_model(run_dir / "model", model, tokenizer, cfg.lora.save)
+        plot_run(metrics.rows, run_dir / "training.png", title=f"{cfg.algo.estimator} on {cfg.data.source}")
+        _summary(console, cfg, metrics.rows, evals, prompt_counts)
+        console.print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, training.png, model/)")
+    dist.barrier()
     return RunResult(run_dir, evals[0]["eval_accuracy"] if evals else None,
                      evals[-1]["eval_accuracy"] if evals else None, step, wall)

@@ -32,6 +32,7 @@ from torch import Tensor
 from frugalrl import lora
 from frugalrl.config import Config
 from frugalrl.critic import ValueHead, outcome_token_rewards
+from frugalrl.distributed import Dist
 from frugalrl.losses import LossNorm, aggregate, astar_loss, gae, kl_penalty, policy_loss, value_loss
 from frugalrl.rollout import Rollout, forward_completions
 
@@ -82,9 +83,10 @@ class Learner:
     (only under ``algo.estimator=gae``).
     """
 
-    def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: Config):
+    def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: Config, dist: Dist | None = None):
         a, t = cfg.algo, cfg.train
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.dist = dist or Dist()
         self.astar = a.estimator == "astar"
         self.reference = reference_policy(model) if a.kl_coef > 0 or self.astar else None
         device = next(model.parameters()).device
@@ -92,6 +94,10 @@ class Learner:
         self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr)
                                  if self.critic is not None else None)
         self.off_policy = t.ppo_epochs * t.mini_batches > 1
+        # what ``_loss`` reports, fixed up front: ranks sum them even when one had no sample
+        self.metric_names = ["loss", *(["pg_clipfrac", "ppo_kl"] if self.off_policy and not self.astar else []),
+                             *(["kl_ref"] if a.kl_coef > 0 else []), *(["entropy"] if a.entropy_coef > 0 else []),
+                             *(["value_loss"] if self.critic is not None else [])]
 
     def state_dict(self) -> dict:
         """The critic's weights and optimizer (tensors, for ``torch.save``); {} without a critic.
@@ -127,29 +133,36 @@ class Learner:
 
         rollout: N sequences. rewards: (N,) scalar rewards (PPO's critic learns from them).
         advantages: (N,) from the estimator, reward units (PPO replaces them by per-token GAE).
+        Under data parallelism these are this rank's shard of the global batch (``distributed``);
+        the steps and the returned figures are those of the global batch.
         Metrics of several optimizer steps are averaged over the steps; ``bad_step`` is then the
         fraction of them skipped for a non-finite loss or gradient.
         """
-        t = self.cfg.train
+        t, dist = self.cfg.train, self.dist
         device = next(self.model.parameters()).device  # the rollout may come from elsewhere (vLLM, CPU)
         rollout, rewards, advantages = rollout.to(device), rewards.to(device), advantages.to(device)
         keep = self.forward_mask(advantages)
         mask = rollout.completion_mask
-        stats = {"filtered_frac": 1.0 - keep.float().mean().item(),
-                 "tokens_trained": int(mask[keep].sum().item()),  # per pass over the batch
-                 "tokens_skipped": int(mask[~keep].sum().item())}
-        if not keep.any():
+        n, total = len(rollout), len(rollout) * dist.world
+        kept, trained, skipped = dist.sum([keep.sum().item(), mask[keep].sum().item(), mask[~keep].sum().item()])
+        stats = {"filtered_frac": 1.0 - kept / total,
+                 "tokens_trained": int(trained),  # per pass over the batch
+                 "tokens_skipped": int(skipped)}
+        if not kept:
             return {**stats, "loss": 0.0, "grad_norm": 0.0, "bad_step": 0.0}
+        # Every epoch's order over the global batch, drawn before any forward pass so that all
+        # ranks draw it alike. CleanRL's order: a fresh shuffle per epoch, so mini-batches differ
+        # between epochs.
+        orders = [torch.randperm(total) if t.mini_batches > 1 else torch.arange(total) for _ in range(t.ppo_epochs)]
         const = self._constants(rollout, rewards, advantages, keep)
         if self.critic is not None:  # V(s_0): the critic's value of the prompts
-            stats["value_mean"] = const.old_values[:, 0].mean().item()
+            stats["value_mean"] = dist.sum([const.old_values[:, 0].sum().item()])[0] / total
+        offset = dist.rank * n
         steps = []
-        for _ in range(t.ppo_epochs):
-            # CleanRL's order: a fresh shuffle per epoch, so mini-batches differ between epochs
-            order = (torch.randperm(len(rollout), device=device) if t.mini_batches > 1
-                     else torch.arange(len(rollout), device=device))
-            for part in order.chunk(t.mini_batches):
-                steps.append(self._step(rollout, const, part, keep))
+        for order in orders:
+            for part in order.to(device).chunk(t.mini_batches):
+                mine = part[(part >= offset) & (part < offset + n)] - offset  # this rank's samples of it
+                steps.append(self._step(rollout, const, mine, keep))
         totals: dict[str, float] = defaultdict(float)
         for step in steps:
             for key, value in step.items():
@@ -188,13 +201,15 @@ class Learner:
     def _step(self, rollout: Rollout, const: _Constants, index: Tensor, keep: Tensor) -> dict[str, float]:
         """One optimizer step on the mini-batch ``index`` (dropped samples included: they count
         in the normaliser, as in the unfiltered update, but get no forward pass)."""
-        cfg = self.cfg
-        norm = LossNorm.from_mask(rollout.completion_mask[index], cfg.algo.loss_agg)
+        cfg, dist = self.cfg, self.dist
+        local = LossNorm.from_mask(rollout.completion_mask[index], cfg.algo.loss_agg)
+        num_seqs, num_tokens = dist.sum([local.num_seqs, local.num_tokens])
+        norm = LossNorm(local.mode, int(num_seqs), int(num_tokens), int(dist.max([local.max_len])[0]))
         index = index[keep[index]]
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = defaultdict(float)
+        totals = dict.fromkeys(self.metric_names, 0.0)
         for micro in index.split(cfg.train.micro_batch):
             part = rollout.select(micro).trimmed()
             out = forward_completions(self.model, part, cfg.rollout.temperature,
@@ -204,6 +219,11 @@ class Learner:
             loss.backward()
             for key, value in metrics.items():
                 totals[key] += value
+        # each rank's figures are its share of the mini-batch's: their sums are the step's
+        *sums, trained = dist.sum([*totals.values(), len(index)])
+        if not trained:  # every sample of this mini-batch was filtered: nothing to learn from
+            return {"loss": 0.0, "grad_norm": 0.0, "bad_step": 0.0}
+        totals = dict(zip(totals, sums))
         finite_loss = math.isfinite(totals["loss"])
         grad_norm = self._clip_and_step(self.model.parameters(), self.optimizer, finite_loss)
         if self.critic is not None:
@@ -212,10 +232,11 @@ class Learner:
         return {**totals, "grad_norm": grad_norm, "bad_step": float(bad)}
 
     def _clip_and_step(self, params, optimizer, finite_loss: bool = True) -> float:
-        """Clip the gradient norm and step. A non-finite loss or gradient skips the step and drops
-        the gradient, so that one bad batch cannot poison the weights (the trainer stops after
-        ``train.max_bad_steps`` such steps in a row)."""
+        """Sum the gradient over ranks, clip its norm and step. A non-finite loss or gradient
+        skips the step and drops the gradient, so that one bad batch cannot poison the weights
+        (the trainer stops after ``train.max_bad_steps`` such steps in a row)."""
         params = list(params)
+        self.dist.sum_grads(params)
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if finite_loss and math.isfinite(grad_norm):

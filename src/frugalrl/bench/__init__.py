@@ -1,0 +1,53 @@
+"""``frugalrl bench NAME [key=value ...]``: the measurements behind frugalrl's claims.
+
+One module per bench, each with ``TRAIN_DEFAULTS`` (key=value pairs of the run config that
+suit it, applied before ``--config`` and the command line) and
+``run(cfg, opts, command, console) -> dict`` (writes ``NAME.md``, ``NAME.png`` and merges
+its headline numbers, which it returns, into ``summary.json``; ``report.py``). Options
+prefixed ``bench.`` are the bench's own (``options.py``); every other ``key=value`` is an
+option of the run config, as for ``frugalrl train``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from rich.console import Console
+
+from frugalrl.bench.options import OPTIONS
+from frugalrl.bench.report import command_line
+from frugalrl.config import ConfigError, format_help, load_config
+
+BENCHES = {
+    "value": "MSE of each estimator's baseline against Monte Carlo values V(x), along a training run",
+    "rollout": "generation tokens/s: frugalrl's sampler vs Hugging Face generate vs the machine's FLOP/s",
+}
+PREFIX = "bench."
+
+
+def options_help() -> str:
+    """The ``bench.*`` options of every bench, for ``frugalrl bench --help``."""
+    return "\n".join(f"bench {name} ({PREFIX}KEY=VALUE):\n" + format_help(OPTIONS[name]).split(":\n", 1)[1]
+                     for name in BENCHES)
+
+
+def configure(name: str, config_path: str | None, overrides: list[str]):
+    """(bench module, run config, bench options) for ``frugalrl bench NAME``; ConfigError on bad options."""
+    module = importlib.import_module(f"frugalrl.bench.{name}")
+    try:
+        opts = load_config(None, [o[len(PREFIX):] for o in overrides if o.startswith(PREFIX)], base=OPTIONS[name]())
+    except ConfigError as e:  # its message names the key without the prefix
+        raise ConfigError(f"{PREFIX}* option of bench {name}: {e} (`frugalrl bench --help` lists them)") from None
+    base = load_config(None, module.TRAIN_DEFAULTS)
+    cfg = load_config(config_path, [o for o in overrides if not o.startswith(PREFIX)], base=base)
+    return module, cfg, opts
+
+
+def run(name: str, config_path: str | None, overrides: list[str], console: Console) -> dict:
+    """Run bench ``name``; returns the numbers it merged into summary.json."""
+    module, cfg, opts = configure(name, config_path, overrides)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return module.run(cfg, opts, command_line(name, config_path, overrides), console)

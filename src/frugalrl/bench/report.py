@@ -1,0 +1,47 @@
+"""What every bench writes: a markdown page headed by its exact command, and summary.json.
+
+``bench/results/summary.json`` is one flat JSON object shared by all benches; each bench merges
+its own keys into it, so running one bench never erases another's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from pathlib import Path
+
+
+def command_line(bench: str, config_path: str | None, overrides: list[str]) -> str:
+    """The shell command that reruns ``bench`` with these options, quoted for copy and paste."""
+    words = ["frugalrl", "bench", bench, *(["--config", config_path] if config_path else []), *overrides]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    """A table cell: ``n/a`` for None, else the value to ``digits`` significant digits."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table (numeric columns right-aligned)."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def page(title: str, command: str, sections: list[str]) -> str:
+    """A results page: the title, the command in a code block, then the sections."""
+    return "\n\n".join([f"# {title}", f"```\n{command}\n```", *sections]) + "\n"
+
+
+def merge_summary(results_dir: str | Path, values: dict[str, float]) -> Path:
+    """Merge ``values`` into ``results_dir/summary.json`` (created when missing); atomic write."""
+    path = Path(results_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,177 @@
+"""Rollout bench: generation tokens/s of frugalrl's sampler against Hugging Face ``generate``,
+and against a compute ceiling.
+
+Protocol of ``frugalrl bench rollout``:
+
+* Model: the run config's (by default the embedded model), as loaded for training; prompts: the
+  first B training prompts, for each B in ``bench.batches``, each continued by exactly
+  ``bench.new_tokens`` tokens with EOS disabled, so both samplers make the same number of
+  tokens, at ``rollout.temperature`` and top-p.
+* frugalrl's sampler (``fastgen.generate``, what training rollouts use for Llama/Qwen2) and
+  ``model.generate`` (KV cache, sampling, top_k=0) alternate in one process, ``bench.rounds``
+  rounds after one warm-up call each. tokens/s = B x new_tokens / seconds of one call, prefill
+  included; the median over rounds is reported.
+* Ceiling: the machine's measured matmul FLOP/s (best of 5 timed n x n matmuls,
+  ``bench.matmul_size``, in the model's dtype on its device) divided by the model's FLOPs per
+  generated token: 2 x non-embedding parameters (attention and MLP weights) + 2 x hidden x vocab
+  (lm_head) + 4 x layers x attention width x mean context (scores and their weighted sum over
+  prompt + new_tokens / 2 positions). A small model's decode step is far from matmul-bound, so
+  ``rollout_fraction_of_ceiling`` says how much of the machine's arithmetic becomes tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from frugalrl import fastgen
+from frugalrl.bench.options import RolloutOptions
+from frugalrl.bench.report import fmt, merge_summary, page, table
+from frugalrl.config import Config
+from frugalrl.rollout import encode_prompts
+from frugalrl.trainer import load_inputs, set_seed
+
+TRAIN_DEFAULTS: list[str] = []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` (n, n) @ (n, n) products (2 n^3 FLOPs each), after a warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model, context: float) -> float:
+    """FLOPs of one decode step of one sequence attending over ``context`` positions."""
+    c = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    params = sum(p.numel() for p in model.parameters())
+    non_embedding = params - embed.numel() - (0 if head is embed else head.numel())
+    width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    return 2 * non_embedding + 2 * head.numel() + 4 * c.num_hidden_layers * width * context
+
+
+def _time_call(fn, device: torch.device, tokens: int) -> float:
+    """tokens/s of one call of ``fn`` that must return a (B, new_tokens) tensor of new tokens."""
+    _sync(device)
+    t0 = time.perf_counter()
+    new = fn()
+    _sync(device)
+    if new.numel() != tokens:
+        raise RuntimeError(f"a sampler made {new.numel()} tokens instead of {tokens}: EOS was not disabled")
+    return tokens / (time.perf_counter() - t0)
+
+
+def _samplers(model, enc: dict, T: int, pad_id: int, temperature: float, top_p: float) -> dict:
+    """The two samplers as calls that continue the prompts ``enc`` by exactly T tokens each."""
+    def fast():
+        return fastgen.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=T, eos_token_id=None,
+                                pad_token_id=pad_id, temperature=temperature, top_p=top_p).tokens
+
+    def hf():
+        # eos_token_id=None as an argument (not inside a GenerationConfig) turns stopping off
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=T, eos_token_id=None, pad_token_id=pad_id)
+        return out[:, enc["input_ids"].shape[1]:]
+
+    return {"fast": fast, "hf": hf}
+
+
+def _plot(batches: list[int], fast: dict, hf: dict, ceiling: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(batches))
+    ax.bar([i - 0.2 for i in x], [fast[b] for b in batches], 0.4, label="frugalrl (fastgen)")
+    ax.bar([i + 0.2 for i in x], [hf[b] for b in batches], 0.4, label="Hugging Face generate")
+    ax.axhline(ceiling, ls="--", color="grey", label="ceiling: matmul FLOP/s / FLOPs per token")
+    ax.set_xticks(list(x), [f"{b} prompts" for b in batches])
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> dict:
+    """Measure, write rollout.md and rollout.png, merge the headline numbers into summary.json
+    and return them."""
+    t0 = time.perf_counter()
+    set_seed(cfg.seed)
+    task, model, tokenizer, _ = load_inputs(cfg, console)
+    if not fastgen.supports(model):
+        raise ValueError(f"{type(model).__name__} cannot use frugalrl's fast sampler (Llama and Qwen2 models only); "
+                         "there is nothing to compare")
+    batches = sorted(set(opts.batches))
+    if not batches or batches[0] < 1 or batches[-1] > len(task.train_rows):
+        raise ValueError(f"bench.batches={opts.batches} must be sizes between 1 and the "
+                         f"{len(task.train_rows)} training prompts")
+    model.eval()
+    param = next(model.parameters())
+    device, T, ro = param.device, opts.new_tokens, cfg.rollout
+    fast, hf, context = {}, {}, {}
+    for B in batches:
+        enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, [r["prompt"] for r in task.train_rows[:B]]).items()}
+        context[B] = enc["input_ids"].shape[1] + T / 2
+        samplers = _samplers(model, enc, T, tokenizer.pad_token_id, ro.temperature, ro.top_p)
+        speeds = {name: [] for name in samplers}
+        with torch.no_grad():
+            for fn in samplers.values():
+                fn()  # warm-up: allocator, kernels, lazy initialisation
+            for _ in range(opts.rounds):
+                for name, fn in samplers.items():
+                    speeds[name].append(_time_call(fn, device, B * T))
+        fast[B], hf[B] = statistics.median(speeds["fast"]), statistics.median(speeds["hf"])
+        console.print(f"rollout bench: {B} prompts x {T} tokens: fastgen {fast[B]:,.0f} tok/s, HF {hf[B]:,.0f} tok/s")
+
+    flops = matmul_flops(opts.matmul_size, param.dtype, device)
+    ceiling = {B: flops / flops_per_token(model, context[B]) for B in batches}
+    top = batches[-1]
+    summary = {"rollout_fastgen_vs_hf": fast[top] / hf[top], "rollout_fraction_of_ceiling": fast[top] / ceiling[top],
+               "rollout_matmul_gflop_s": flops / 1e9,
+               **{f"rollout_fastgen_tok_s_b{B}": fast[B] for B in batches},
+               **{f"rollout_hf_tok_s_b{B}": hf[B] for B in batches}}
+    results_dir = Path(opts.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    params = sum(p.numel() for p in model.parameters())
+    title = f"{params / 1e6:.2f} M-parameter model, {T} new tokens, {param.dtype}, {device}"
+    _plot(batches, fast, hf, ceiling[top], results_dir / "rollout.png", title)
+    rows = [[str(B), f"{fast[B]:,.0f}", f"{hf[B]:,.0f}", fmt(fast[B] / hf[B], 3), f"{ceiling[B]:,.0f}",
+             fmt(fast[B] / ceiling[B], 3)] for B in batches]
+    sections = [
+        f"Generated tokens/s ({title}, median of {opts.rounds} alternating rounds, prefill included, "
+        f"EOS disabled; {torch.get_num_threads()} torch threads). Protocol: `src/frugalrl/bench/rollout.py`.",
+        table(["prompts", "fastgen tok/s", "HF generate tok/s", "fastgen / HF", "ceiling tok/s",
+               "fastgen / ceiling"], rows),
+        f"Ceiling: measured {param.dtype} matmul {flops / 1e9:.1f} GFLOP/s ({opts.matmul_size}^2 matrices) / "
+        f"{flops_per_token(model, context[top]) / 1e6:.2f} MFLOP per generated token at mean context "
+        f"{context[top]:.0f}.",
+        f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
+    ]
+    (results_dir / "rollout.md").write_text(page("Rollout bench: generation throughput", command, sections))
+    merge_summary(results_dir, summary)
+    console.print(f"rollout bench: fastgen/HF {summary['rollout_fastgen_vs_hf']:.2f}x, "
+                  f"{summary['rollout_fraction_of_ceiling']:.3f} of the ceiling; results in {results_dir}/rollout.md")
+    return summary
