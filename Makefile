@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,lora,gym]"
+	$(BIN)/pip install -q -e ".[test,lora,gym,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,3 +26,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def toy_run(tmp_path, tiny_model_dir):
+    """Run-config options for a toy task on the tiny model: 64 prompts; reward = the share of
+    '7's in the completion, so that a random model gets rewards that vary between samples."""
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}=", "answer": "7"}) + "\n" for i in range(64)))
+    reward = tmp_path / "sevens.py"
+    reward.write_text("def sevens(prompts, completions, **columns):\n"
+                      "    return [c.count('7') / max(1, len(c)) for c in completions]\n")
+    return [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", f"reward.funcs=[{reward}:sevens]",
+            "rollout.max_new_tokens=8"]

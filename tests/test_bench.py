@@ -9,16 +9,9 @@ from frugalrl.cli import main
 
 
 @pytest.fixture()
-def toy_options(tmp_path, tiny_model_dir):
-    """Run-config options for a toy task: 64 prompts; reward = the share of '7's in the completion,
-    so that a random model gets rewards that vary between samples."""
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}=", "answer": "7"}) + "\n" for i in range(64)))
-    reward = tmp_path / "sevens.py"
-    reward.write_text("def sevens(prompts, completions, **columns):\n"
-                      "    return [c.count('7') / max(1, len(c)) for c in completions]\n")
-    return [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", f"reward.funcs=[{reward}:sevens]",
-            "rollout.max_new_tokens=8", f"bench.results_dir={tmp_path / 'results'}"]
+def toy_options(tmp_path, toy_run):
+    """The toy run (conftest) with the bench's results in tmp_path."""
+    return [*toy_run, f"bench.results_dir={tmp_path / 'results'}"]
 
 
 def _summary(tmp_path) -> dict:
@@ -48,6 +41,66 @@ def test_bench_value(tmp_path, toy_options, capsys):
     assert (tmp_path / "results" / "value.png").stat().st_size > 0
 
 
+def test_bench_grad(tmp_path, toy_options, capsys):
+    run = ["max_steps=4", "bench.every=2", "bench.probes=4", "bench.mc_samples=8", "bench.groups=[1,2,4]",
+           "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=16", "algo.vstar_n=4"]
+    for bench in ("value", "grad"):
+        assert main(["bench", bench, *toy_options, f"output_dir={tmp_path / bench}", *run]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = _summary(tmp_path)
+    for key in ("grad_mse_ratio_kae_vs_grpo_g2", "grad_mse_ratio_kae_vs_grpo_g4",
+                "grad_total_mse_ratio_kae_vs_grpo_g2", "grad_total_mse_ratio_kae_vs_grpo_g4"):
+        assert summary[key] == printed[key]
+    page = (tmp_path / "results" / "grad.md").read_text()
+    assert "frugalrl bench grad" in page and "| G=1 | G=2 | G=4 |" in page
+    for name in ("grpo", "rloo", "reinforce", "reinforce_pp", "kae", "grpo_scaled", "v_mc"):
+        assert f"| {name} (" in page
+    assert "| grpo (group mean) | n/a |" in page  # no group baseline at G = 1
+    assert "kae / grpo, gradient error from the baseline: G=2:" in page
+    assert "kae / grpo, whole error at the best step size: G=2:" in page
+    assert (tmp_path / "results" / "grad.png").stat().st_size > 0
+
+    def cells(name, table):  # estimator `name`'s figures in the page's first (0) or second (1) table
+        rows = [line for line in page.splitlines() if line.startswith(f"| {name} (")]
+        return [float(c) for c in rows[table].strip("| ").split(" | ")[1:] if c != "n/a"]
+
+    # GRPO's group-mean gradient is (G - 1)/G times RLOO's: the same error at the best step size
+    assert cells("grpo", 1) and cells("grpo", 1) == pytest.approx(cells("rloo", 1), rel=1e-3)
+
+    def steps(bench):  # the run's metrics, times left out
+        lines = (tmp_path / bench / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in lines]
+
+    assert steps("grad") == steps("value")  # the gradient work leaves the run, and so the probe samples, alike
+
+
+def test_score_gradients_weights_per_sample_scores(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from frugalrl.bench.grad import score_gradients
+    from frugalrl.rollout import generate, token_logprobs
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, ["12=", "12="], max_new_tokens=5, temperature=0.7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # what the optimizer step left there: the probe must not touch it
+        p.grad = torch.ones_like(p)
+    scores = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        token_logprobs(model, rollout.select([i]).trimmed(), 0.7).sum(), params)]) for i in range(2)])
+    # rewards (1, 0) of one prompt with V_MC = 0.25: the error weights V_MC - b of a leave-one-out
+    # baseline (b = (0, 1)), and of V_MC itself as baseline (0: no error)
+    weights = torch.tensor([[0.25, -0.75], [0.0, 0.0]], dtype=torch.float64)
+    expected = torch.stack([0.25 * scores[0] - 0.75 * scores[1], torch.zeros_like(scores[0])])
+    split = score_gradients(model, [rollout.select([0]), rollout.select([1])], weights, 0.7, micro_batch=1)
+    whole = score_gradients(model, [rollout], weights, 0.7, micro_batch=2)
+    for got in (split, whole):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert expected[0].abs().max() > 0
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)
+
+
 def test_bench_rollout(tmp_path, toy_options, capsys):
     rc = main(["bench", "rollout", *toy_options, "bench.batches=[4,8]", "bench.rounds=1", "bench.new_tokens=6",
                "bench.matmul_size=64"])
@@ -61,6 +114,51 @@ def test_bench_rollout(tmp_path, toy_options, capsys):
     assert (tmp_path / "results" / "rollout.png").stat().st_size > 0
 
 
+def test_bench_peer(tmp_path, toy_options):
+    # no skip without trl: `make test` installs the bench extra, and this is the test that TRL really trains
+    rc = main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1",
+               "bench.rounds=1", "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=4"])
+    assert rc == 0
+    summary = _summary(tmp_path)
+    for key in ("step_time_ratio_ours_vs_trl", "peak_rss_ratio_ours_vs_trl", "peer_trl_s_per_step",
+                "peer_trl_peak_rss_mb"):
+        assert summary[key] > 0
+    assert summary["peer_completions"] == 16  # 2 steps x 4 prompts x G=2
+    page = (tmp_path / "results" / "peer.md").read_text()
+    assert "frugalrl bench peer" in page and "loss_type='grpo'" in page and "scale_rewards='group'" in page
+    for side in ("frugalrl", "TRL GRPOTrainer"):
+        row = next(line for line in page.splitlines() if line.startswith(f"| {side} |"))
+        assert row.split(" | ")[3] == "16"  # completions: equal samples on both sides
+    assert (tmp_path / "runs" / "trl-1" / "model" / "config.json").is_file()
+    assert (tmp_path / "results" / "peer.png").stat().st_size > 0
+
+
+def test_bench_peer_refuses_what_trl_cannot_run(capsys):
+    assert main(["bench", "peer", "algo.estimator=rloo", "train.ppo_epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "algo.estimator=rloo" in err and "train.ppo_epochs=2" in err
+
+
 def test_bench_rejects_unknown_bench_option(capsys):
     assert main(["bench", "value", "bench.nope=1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_bench_train(tmp_path, toy_options, capsys):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    rc = main(["bench", "train", *toy_options, f"output_dir={tmp_path / 'runs'}", "rollout.batch_prompts=8",
+               "bench.runs=[grpo,kae,astar,ppo]", "bench.seeds=[0]", "bench.samples=32", "bench.target_run=grpo",
+               f"bench.configs_dir={configs}", "algo.vstar_prompts=16", "algo.vstar_n=2"])
+    assert rc == 0
+    summary = _summary(tmp_path)
+    assert summary["peak_rss_ratio_astar_vs_ppo"] > 0
+    page = (tmp_path / "results" / "train.md").read_text()
+    assert "frugalrl bench train" in page and "| kae | kae |" in page and "A*-PO / PPO, peak RSS" in page
+    assert "32 sampled completions" in page and "32 samples" in page  # stage 1: 16 prompts x 2
+    assert "on 6 prompts" in page  # a tenth of the toy file is held out
+    steps = [json.loads(line) for line in (tmp_path / "runs" / "kae-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in steps if "reward_mean" in r] == [16, 32]  # 8 prompts x G=2, two steps
+    assert (tmp_path / "runs" / "astar-seed0" / "vstar.json").is_file()
+    assert (tmp_path / "results" / "train.png").stat().st_size > 0

@@ -472,3 +472,16 @@ def test_arbitrary_overrides_on_toy_tree(overrides):
         assert isinstance(toy(*overrides), Toy)
     except ConfigError:
         pass
+
+
+def test_changed_options_rebuild_the_config_on_top_of_another_base():
+    from frugalrl.config import changed_options
+
+    cfg = load_config(overrides=["train.lr=1e-3", "output_dir=runs/x y", "data.task_config={a: {n: 1}}",
+                                 "algo.estimator=kae", "eval.pass_k=0", "rollout.top_p=0.9"])
+    options = changed_options(cfg)
+    assert "train.lr=0.001" in options and 'algo.estimator="kae"' in options and len(options) == 6
+    assert load_config(overrides=options) == cfg
+    base = load_config(overrides=["train.lr=1e-3", "max_steps=7"])
+    assert "train.lr=0.001" not in changed_options(cfg, base) and "max_steps=600" in changed_options(cfg, base)
+    assert load_config(overrides=changed_options(cfg, base), base=base) == cfg

@@ -2,12 +2,17 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from frugalrl import checkpoint
-from frugalrl.cli import main
+from frugalrl.cli import COMMANDS, main
+from frugalrl.config import ConfigError
 from frugalrl.data import PromptSampler
 from frugalrl.datafiles import read_rows
 
@@ -92,7 +97,7 @@ def test_cli_help_lists_every_option(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for spec in field_specs():
-        assert spec.key in out
+        assert spec.describe() in out  # key, type, default, help line and allowed values
 
 
 def test_cli_bad_key_is_one_line_error(capsys):
@@ -107,3 +112,16 @@ def test_cli_malformed_jsonl_exits_nonzero(tmp_path, capsys):
     assert main(["train", f"data.train_path={path}", f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 2" in err
+
+
+def test_console_script_help_lists_every_command():
+    """`frugalrl --help` through the installed console script (next to this interpreter)."""
+    script = Path(sys.executable).with_name("frugalrl")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    for name, help_text in COMMANDS.items():
+        assert re.search(rf"^ +{name} +{re.escape(help_text.split()[0])}", out, re.M), name
+
+
+def test_cli_debug_shows_the_error_itself():
+    with pytest.raises(ConfigError, match="algo.estimator"):
+        main(["train", "--debug", "estimator=kae"])

@@ -15,17 +15,11 @@ from frugalrl.distributed import Dist, _buckets
 
 
 @pytest.fixture()
-def run_options(tmp_path, tiny_model_dir):
-    """A toy task whose reward (the share of '7's in the completion) varies between samples of
-    a random model, so that every step has a gradient."""
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": "7"}) + "\n" for i in range(40)))
-    reward = tmp_path / "sevens.py"
-    reward.write_text("def sevens(prompts, completions, **columns):\n"
-                      "    return [c.count('7') / max(1, len(c)) for c in completions]\n")
-    return [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", f"reward.funcs=[{reward}:sevens]",
-            "rollout.max_new_tokens=8", "rollout.batch_prompts=8", "max_steps=3", "eval_every=0", "threads=1",
-            "train.lr=1e-3", "train.warmup_steps=0"]
+def run_options(toy_run):
+    """Three steps of the toy run (conftest), whose rewards vary between samples of the random
+    model, so that every step has a gradient."""
+    return [*toy_run, "rollout.batch_prompts=8", "max_steps=3", "eval_every=0", "threads=1", "train.lr=1e-3",
+            "train.warmup_steps=0"]
 
 
 def _torchrun(options: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -1,7 +1,9 @@
 """Tasks from reasoning-gym: rows, splits, the reward against each task's own scorer, config."""
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -254,3 +256,18 @@ def test_task_without_reference_answer():
     assert all(r["answer"] == "" and "solution" not in r for r in train + ev)
     reward = gym.GymReward(items=items)
     assert reward(None, ["<answer>nonsense</answer>", "", None], **columns(ev)) == [0.0, 0.0, 0.0]
+
+
+def test_chain_sum_preset_builds_its_task_as_documented():
+    """configs/gym-chain-sum.yaml as written: enough distinct questions for its sizes, the bare
+    expression as the prompt, the answer after '#', scored by chain_sum's own checker."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "gym-chain-sum.yaml")
+    task = load_task(cfg)
+    assert (len(task.train_rows), len(task.eval_rows)) == (20000, 256) and not cfg.model.name_or_path
+    for row in task.train_rows[:50]:
+        assert re.fullmatch(r"\d( [+-] \d){1,3} =", row["prompt"]) and row["solution"] == "#" + row["answer"]
+    rows = task.eval_rows[:8]
+    cols = columns(rows)
+    assert task.reward_fn(None, [r["solution"] for r in rows], **cols) == [1.0] * 8
+    assert task.reward_fn(None, [f"#{int(r['answer']) + 1}" for r in rows], **cols) == [0.0] * 8
+    assert task.reward_fn(None, [r["answer"] for r in rows], **cols) == [0.0] * 8  # no '#': not in the format

@@ -1,5 +1,6 @@
-"""Property-based tests: reward parsers, the JSONL loader and the estimators, on arbitrary input,
-never fail with anything but their documented error (ValueError), and keep their invariants."""
+"""Property-based tests: reward parsers and answer extractors, the JSONL and CSV loaders and the
+estimators, on arbitrary input, never fail with anything but their documented error
+(ValueError), and keep their invariants."""
 
 import json
 import math
@@ -13,6 +14,7 @@ from frugalrl.advantages import get_estimator, list_estimators
 from frugalrl.datafiles import read_rows
 from frugalrl.rewards import math_reward
 from frugalrl.tasks.arithmetic import arithmetic_reward
+from frugalrl.tasks.gym import EXTRACTORS, extract_answer
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
@@ -50,6 +52,15 @@ def test_math_reward_boxed_integer(k, prefix):
     assert math_reward(None, [f"{prefix} \\boxed{{{k}}}"], answer=[str(k)]) == [1.0]
 
 
+@FAST
+@given(completion=texts | st.none() | st.lists(
+           st.none() | texts | st.dictionaries(st.just("content"), texts | st.none()), max_size=2),
+       mode=st.sampled_from(EXTRACTORS))
+def test_gym_extractors_give_text_or_none(completion, mode):
+    answer = extract_answer(completion, mode)
+    assert answer is None or isinstance(answer, str)
+
+
 # --- dataset loader --------------------------------------------------------------------------
 
 def _load_or_value_error(path):
@@ -79,6 +90,15 @@ def test_read_jsonl_on_arbitrary_bytes(tmp_path, data):
 def test_read_jsonl_on_arbitrary_json_lines(tmp_path, lines):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(v) + "\n" for v in lines), encoding="utf-8")
+    _load_or_value_error(path)
+
+
+@FAST
+@given(data=st.binary(max_size=300) | st.lists(st.lists(texts, max_size=3), max_size=4).map(
+    lambda cells: "prompt,answer\n" + "\n".join(",".join(row) for row in cells)).map(str.encode))
+def test_read_csv_on_arbitrary_bytes(tmp_path, data):
+    path = tmp_path / "d.csv"
+    path.write_bytes(data)
     _load_or_value_error(path)
 
 

@@ -204,3 +204,13 @@ def test_clean_up_after_crash_restores_a_checkpoint_moved_aside(tmp_path):
     checkpoint.clean_up_after_crash(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000002"]
     assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint-0000002"
+
+
+def test_resume_on_other_training_data_is_refused(tmp_path, tiny_model_dir):
+    """The sampler's saved position indexes the training prompts: other prompts would silently
+    train on a different schedule."""
+    run_dir = tmp_path / "run"
+    trainer.train(load_config(overrides=_overrides(tiny_model_dir, run_dir, "max_steps=2")), task=_toy_task())
+    resumed = load_config(overrides=_overrides(tiny_model_dir, run_dir, f"resume={run_dir}"))
+    with pytest.raises(ValueError, match="training prompts differ"):
+        trainer.train(resumed, task=_toy_task(n=32))

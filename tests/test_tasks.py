@@ -80,3 +80,8 @@ def test_reward_chat_messages_and_bad_types():
 def test_final_answer():
     assert final_answer("a#b#c") == "c"
     assert final_answer("nothing") is None
+
+
+@pytest.mark.parametrize("completion", [[None], ["x#7"], [{"role": "assistant"}], [{"content": None}]])
+def test_reward_malformed_message_lists_score_zero(completion):
+    assert arithmetic_reward(["p"], [completion], answer=["7"]) == [0.0]

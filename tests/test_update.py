@@ -180,3 +180,10 @@ def test_outcome_token_rewards_by_hand():
     out = outcome_token_rewards(torch.tensor([2.0, -1.0, 5.0]), mask)
     # the reward sits on each completion's last token; an empty completion gets none
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 2.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0] * 4]))
+
+
+def test_critic_has_its_own_learning_rate(tiny_model_dir):
+    learner = make_learner(tiny_model_dir, ["algo.estimator=gae", "train.lr=1e-4", "train.critic_lr=0.0123"])
+    assert [g["lr"] for g in learner.critic_optimizer.param_groups] == [0.0123]
+    assert {id(p) for p in learner.critic.parameters()} == \
+        {id(p) for g in learner.critic_optimizer.param_groups for p in g["params"]}

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from frugalrl import lora
@@ -135,3 +136,28 @@ def test_real_engine_greedy_matches_in_process_sampling(tiny_model_dir):
     ours = generate(model, tokenizer, prompts, max_new_tokens=8, greedy=True)
     theirs = engine.generate(model, prompts, max_new_tokens=8, greedy=True)
     assert theirs.texts == ours.texts
+
+
+def test_trainer_pushes_each_steps_updated_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """Step 1 samples from the starting weights, step 2 from those after step 1's update."""
+    pushes = []
+
+    def fake_create(model_path, tokenizer, cfg):
+        llm = FakeLLM(vocab=len(tokenizer))
+        llm.worker.model_runner.model.load_weights = lambda ws: pushes.append({n: t.clone() for n, t in ws})
+        return VLLMRollout(llm, tokenizer, _sampling_params, sleep=False)
+
+    monkeypatch.setattr(VLLMRollout, "create", staticmethod(fake_create))
+    rows = [{"id": f"p{i}", "prompt": f"{i}=", "answer": "7"} for i in range(8)]
+    # every group of 2 scores (0, 1): the first update always moves the weights
+    task = Task(rows, rows[:2], lambda prompts, completions, **kw: [float(i % 2) for i in range(len(completions))])
+    run_dir = tmp_path / "run"
+    cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"output_dir={run_dir}", "max_steps=2",
+                                 "save_every=1", "eval_every=0", "rollout.backend=vllm", "rollout.batch_prompts=4",
+                                 "rollout.group_size=2", "rollout.max_new_tokens=5", "train.lr=1e-2"])
+    train(cfg, task=task)
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    after_one = load_file(run_dir / "checkpoint-0000001" / "model.safetensors")
+    assert len(pushes) == 2 and any(not torch.equal(initial[k], after_one[k]) for k in initial)
+    for pushed, expected in zip(pushes, (initial, after_one)):
+        assert all(torch.equal(pushed[k], v) for k, v in expected.items())

@@ -21,8 +21,10 @@ COMMANDS = {
     "demo": "the embedded default end to end: accuracy before and after RL",
     "vstar": "A*-PO stage 1: V* of every training prompt from algo.vstar_n samples of the starting model, "
              "cached for `train algo.estimator=astar`",
-    "bench": "measurements written to bench/results/: value (baseline MSE per estimator) or rollout "
-             "(generation throughput)",
+    "bench": "measurements written to bench/results/: value (baseline MSE per estimator), grad "
+             "(policy-gradient MSE per estimator), rollout "
+             "(generation throughput), train (every preset at equal samples) or peer (frugalrl vs TRL's "
+             "GRPOTrainer: step time, memory, accuracy)",
 }
 
 

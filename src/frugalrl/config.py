@@ -94,6 +94,8 @@ class DataConfig:
     difficulty: int = opt(2, "built-in task: number of operations after the first sum (1..3)", min=1, max=3)
     train_size: int = opt(20000, "built-in task: number of training problems", min=1)
     eval_size: int = opt(256, "held-out problems for evaluation (never trained on)", min=1)
+    seed: int = opt(-1, "seed of the train/eval split (built-in task, reasoning-gym, a data file's held-out rows); "
+                    "-1 = the run's seed. Fix it to vary a run's seed without changing its data", min=-1)
     sticky_steps: int = opt(1, "reuse each prompt mini-batch for this many consecutive steps (KAE needs >1)", min=1)
     task: str | list[str] = opt("", "reasoning_gym: generator name (chain_sum), or a list [chain_sum, "
                                 "basic_arithmetic] to mix several")
@@ -882,6 +884,20 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), base=None):
     for text in overrides or ():
         target.apply_override(text)
     return target.finish("base config" if base is not None else "default value")
+
+
+def changed_options(cfg, base=None) -> list[str]:
+    """The `key=value` overrides (values as JSON, which YAML reads back) that turn `base`
+    (default: the defaults of `cfg`'s class) into `cfg`: to hand a config to a subprocess on
+    top of some other file."""
+    new = config_to_dict(cfg)
+    old = config_to_dict(base if base is not None else type(cfg)())
+
+    def value(data: dict, key: str):
+        return functools.reduce(lambda node, name: node[name], key.split("."), data)
+
+    return [f"{spec.key}={json.dumps(value(new, spec.key))}" for spec in _specs(type(cfg))
+            if value(new, spec.key) != value(old, spec.key)]
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:

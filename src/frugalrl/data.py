@@ -21,7 +21,12 @@ from frugalrl.tasks import arithmetic
 SCHEDULE_OPTIONS = ("sticky_steps",)
 # Options added after the first caches were written: left out of cache keys while at their
 # default, so that adding them did not invalidate cached models and V* files.
-_LATER_OPTIONS = ("prompt_field", "answer_field", "max_prompt_tokens", "chat_template", "system_prompt")
+_LATER_OPTIONS = ("prompt_field", "answer_field", "max_prompt_tokens", "chat_template", "system_prompt", "seed")
+
+
+def data_seed(cfg) -> int:
+    """The seed of the train/eval split: ``data.seed``, or the run's ``seed`` when it is -1."""
+    return cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
 
 
 def row_options(data_cfg) -> dict:
@@ -61,12 +66,12 @@ def load_task(cfg) -> Task:
         else:
             # Hold out the last rows of a shuffled copy, so that evaluation never sees training prompts.
             train = train[:]
-            random.Random(cfg.seed).shuffle(train)
+            random.Random(data_seed(cfg)).shuffle(train)
             n_eval = min(d.eval_size, len(train) // 10)
             train, evaluation = train[n_eval:], train[:n_eval]
         return Task(train, evaluation, arithmetic.arithmetic_reward)
     if d.source == "arithmetic":
-        train, evaluation = arithmetic.make_splits(cfg.seed, d.difficulty, d.train_size, d.eval_size)
+        train, evaluation = arithmetic.make_splits(data_seed(cfg), d.difficulty, d.train_size, d.eval_size)
         return Task(train, evaluation, arithmetic.arithmetic_reward)
     if d.source == "reasoning_gym":
         from frugalrl.tasks import gym

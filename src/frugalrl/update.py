@@ -50,6 +50,12 @@ def reference_policy(model):
     return reference
 
 
+def _micro_batches(index: Tensor, size: int) -> tuple[Tensor, ...]:
+    """``index`` in chunks of ``size``; none for an empty index (``split`` would give one empty
+    chunk, and a forward pass over no rows fails)."""
+    return index.split(size) if len(index) else ()
+
+
 @dataclass
 class _Constants:
     """What an update holds fixed, for the whole rollout batch (N sequences, T positions).
@@ -181,7 +187,7 @@ class Learner:
             const.ref_logprobs = torch.zeros_like(mask)
         if self.critic is not None:
             const.old_values = torch.zeros_like(mask)
-        for index in keep.nonzero().flatten().split(cfg.train.micro_batch):
+        for index in _micro_batches(keep.nonzero().flatten(), cfg.train.micro_batch):
             part = rollout.select(index).trimmed()
             width = part.completion_mask.shape[1]
             if need_old or self.critic is not None:
@@ -210,7 +216,7 @@ class Learner:
         if self.critic is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
         totals = dict.fromkeys(self.metric_names, 0.0)
-        for micro in index.split(cfg.train.micro_batch):
+        for micro in _micro_batches(index, cfg.train.micro_batch):
             part = rollout.select(micro).trimmed()
             out = forward_completions(self.model, part, cfg.rollout.temperature,
                                       entropy=cfg.algo.entropy_coef > 0, hidden=self.critic is not None)

@@ -20,7 +20,11 @@ from frugalrl.config import ConfigError, format_help, load_config
 
 BENCHES = {
     "value": "MSE of each estimator's baseline against Monte Carlo values V(x), along a training run",
+    "grad": "MSE of each estimator's policy gradient against the Monte Carlo-baseline one and the true one, "
+            "along a training run",
     "rollout": "generation tokens/s: frugalrl's sampler vs Hugging Face generate vs the machine's FLOP/s",
+    "train": "every preset from one SFT checkpoint, several seeds, equal samples: accuracy, time to target, memory",
+    "peer": "frugalrl's GRPO vs TRL's GRPOTrainer, same model, task, G and budget: s/step, peak RSS, accuracy",
 }
 PREFIX = "bench."
 

@@ -22,6 +22,16 @@ class ValueOptions:
 
 
 @dataclass
+class GradOptions(ValueOptions):
+    """The value bench's probing, and so its options; the Monte Carlo samples also give, in two
+    halves, the policy gradient the estimators aim at."""
+
+    mc_samples: int = opt(64, "samples per probe prompt for V(x) and (in two halves) the policy gradient at "
+                          "each checkpoint", min=4)
+    results_dir: str = opt("bench/results", "where grad.md, grad.png and summary.json are written")
+
+
+@dataclass
 class RolloutOptions:
     batches: list[int] = opt([64, 256], "prompts per generate call, one measurement each")
     new_tokens: int = opt(48, "tokens generated per prompt (EOS disabled, so every sampler makes exactly this many)",
@@ -31,4 +41,27 @@ class RolloutOptions:
     results_dir: str = opt("bench/results", "where rollout.md, rollout.png and summary.json are written")
 
 
-OPTIONS = {"value": ValueOptions, "rollout": RolloutOptions}
+@dataclass
+class TrainOptions:
+    runs: list[str] = opt(["grpo", "grpo_g8", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar", "dash",
+                           "ppo"], "runs to make: presets of configs/ by name, and grpo_g8 (GRPO, 32 prompts x G=8)")
+    seeds: list[int] = opt([0, 1, 2], "seeds of every run")
+    samples: int = opt(38400, "sampled completions each run trains on (its steps: this / completions per step)",
+                       min=1)
+    target_run: str = opt("grpo_g8", "the run whose mean final accuracy sets the target accuracy")
+    target_frac: float = opt(0.9, "target = start + target_frac x (target_run's final accuracy - start)", gt=0, max=1)
+    configs_dir: str = opt("configs", "where the presets are (the repository's configs/)")
+    results_dir: str = opt("bench/results", "where train.md, train.png and summary.json are written")
+
+
+@dataclass
+class PeerOptions:
+    steps: int = opt(50, "training steps of every run, on both sides (so both sample steps x P x G completions)",
+                     min=2)
+    warmup: int = opt(2, "first steps of each run left out of its seconds per step", min=1)
+    rounds: int = opt(2, "rounds, each a frugalrl run then a TRL run (median reported)", min=1)
+    results_dir: str = opt("bench/results", "where peer.md, peer.png and summary.json are written")
+
+
+OPTIONS = {"value": ValueOptions, "grad": GradOptions, "rollout": RolloutOptions, "train": TrainOptions,
+           "peer": PeerOptions}

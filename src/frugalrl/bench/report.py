@@ -2,6 +2,7 @@
 
 ``bench/results/summary.json`` is one flat JSON object shared by all benches; each bench merges
 its own keys into it, so running one bench never erases another's numbers.
+``run_child`` runs a measured run in a process of its own, so that its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import json
 import math
 import os
 import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -45,3 +49,20 @@ def merge_summary(results_dir: str | Path, values: dict[str, float]) -> Path:
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def run_child(argv: list[str], log: str | Path) -> tuple[float, float]:
+    """Run ``python ARGV`` (this interpreter) to completion with its output in ``log``:
+    (wall seconds, peak RSS in MB of that process alone, from ``os.wait4``). A failed run
+    raises RuntimeError with the end of its log."""
+    log = Path(log)
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"`python {' '.join(argv)}` failed with exit code {proc.returncode} (log {log}):\n{tail}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux

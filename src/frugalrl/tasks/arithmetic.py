@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+from frugalrl.completions import completion_text
+
 # Operand ranges: the first sum's operands, the multiplier, and the later terms.
 _SUM_RANGE = (0, 49)
 _MUL_RANGE = (2, 9)
@@ -85,17 +87,10 @@ def final_answer(completion: str) -> str | None:
     return answer or None
 
 
-def _text(completion) -> str:
-    """A completion as text: TRL passes strings or chat message lists."""
-    if isinstance(completion, list):
-        return str(completion[-1].get("content", "")) if completion else ""
-    return completion if isinstance(completion, str) else ""
-
-
 def arithmetic_reward(prompts, completions, answer, **columns) -> list[float]:
     """1.0 where the final answer equals the reference integer exactly, else 0.0 (TRL signature)."""
     scores = []
     for completion, gold in zip(completions, answer):
-        got = final_answer(_text(completion))
+        got = final_answer(completion_text(completion))
         scores.append(1.0 if got is not None and got == str(gold).strip() else 0.0)
     return scores

@@ -43,6 +43,8 @@ import random
 import re
 from typing import Any
 
+from frugalrl.completions import completion_text
+from frugalrl.data import data_seed
 from frugalrl.tasks.arithmetic import final_answer as _marker_answer
 from frugalrl.tasks.arithmetic import prompt_id
 
@@ -289,17 +291,6 @@ def make_splits(task, *, seed: int = 0, size: int = 1000, eval_size: int = 256, 
 
 # --------------------------------------------------------------------------- answers and reward
 
-def _text(completion) -> str:
-    if isinstance(completion, str):
-        text = completion
-    elif isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        text = completion[-1].get("content") or ""
-        text = text if isinstance(text, str) else ""
-    else:
-        text = ""
-    return text[-MAX_COMPLETION_CHARS:]
-
-
 def extract_answer(completion, mode: str) -> str | None:
     """The answer in ``completion`` as ``mode`` reads it, or None when there is none.
 
@@ -308,7 +299,7 @@ def extract_answer(completion, mode: str) -> str | None:
     * ``last_line``: the last non-empty line (stripped);
     * ``marker``: the text after the last ``#`` of the last non-empty line (the built-in task's form).
     """
-    text = _text(completion)
+    text = completion_text(completion)[-MAX_COMPLETION_CHARS:]
     if mode == "answer_tags":
         matches = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
         return matches[-1].strip() if matches else None
@@ -401,7 +392,7 @@ def load(cfg):
     """``(train_rows, eval_rows, reward_fn)`` for ``cfg.data`` (``source=reasoning_gym``)."""
     d = cfg.data
     train, evaluation, items = make_splits(
-        d.task, seed=cfg.seed, size=d.size or d.train_size, eval_size=d.eval_size, task_config=d.task_config,
+        d.task, seed=data_seed(cfg), size=d.size or d.train_size, eval_size=d.eval_size, task_config=d.task_config,
         weights=d.task_weights, prompt_template=d.prompt_template, answer_extract=d.answer_extract,
         partial_credit=d.partial_credit)
     options = task_configs(parse_tasks(d.task), d.task_config)

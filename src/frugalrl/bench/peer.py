@@ -1,0 +1,336 @@
+"""Peer bench: frugalrl's GRPO against TRL's ``GRPOTrainer``, on the same model, task, G and budget.
+
+Protocol of ``frugalrl bench peer``:
+
+* Both sides train the same model directory (``model.name_or_path``; by default the embedded
+  SFT model, resolved once by the bench) on the same rows and reward (``trainer.load_inputs``:
+  the prompts as frugalrl formats them, the task's reward called with the same columns and
+  scored as ``evaluation.score`` scores it), for ``bench.steps`` steps of
+  ``rollout.batch_prompts`` (P) prompts x ``rollout.group_size`` (G) completions of at most
+  ``rollout.max_new_tokens`` tokens, sampled at ``rollout.temperature`` and top-p
+  ``rollout.top_p``, top-k off; one AdamW step per batch at ``train.lr`` with the run config's
+  warm-up, schedule (constant or cosine), weight decay and gradient clip (Hugging Face's
+  warm-up starts at lr 0, frugalrl's at lr / warmup_steps); no KL term and no reference model;
+  weights in ``model.dtype`` with no mixed precision (TRL's default bf16 off), gradient
+  checkpointing only with ``model.gradient_checkpointing`` (TRL's default on, off here); no
+  evaluation, checkpoints or logging during the run.
+* frugalrl: ``trainer.train`` as the run config says (by default the ``configs/grpo.yaml``
+  settings: ``algo.estimator=grpo``, ``algo.loss_agg=seq-mean-token-mean``); samples whose
+  advantage is 0 skip their forward and backward pass, as in every frugalrl run.
+* TRL: ``GRPOTrainer`` with ``num_generations`` = G, ``generation_batch_size`` = P x G (one
+  Hugging Face ``generate`` call per step, ``use_vllm=False``), ``per_device_train_batch_size``
+  = ``train.micro_batch`` and gradient accumulation over the rest of the batch,
+  ``num_iterations=1``, ``beta=0``, and the loss closest to frugalrl's (``trl_loss``): for grpo
+  with seq-mean-token-mean, ``loss_type="grpo"`` (each completion's token mean, then the mean
+  over completions) and ``scale_rewards="group"`` (A = (r - group mean) / (group std + 1e-4)).
+* Each run is a process of its own (``python -m frugalrl.bench.peer SIDE ...``), so that its peak
+  RSS (``os.wait4``, start-up to exit: imports, data, model, training, saving the final model) is
+  its own. Both sides import frugalrl's loaders (torch, transformers, matplotlib); TRL's also
+  imports trl, datasets and accelerate. Runs alternate frugalrl, TRL, frugalrl, TRL, ... for
+  ``bench.rounds`` rounds, all with the run config's seed and, by default, one torch thread
+  each (``threads=1``: see ``TRAIN_DEFAULTS``).
+* Seconds per step: each run timestamps the end of every step (perf_counter); s/step =
+  (t_N - t_w) / (N - w), leaving out the first w = ``bench.warmup`` steps (lazy initialisation,
+  allocator growth). The median over rounds is reported, and the median peak RSS.
+* Accuracy after equal samples: both sides sample N x P x G completions; each run's final model
+  (``save_pretrained``) is evaluated by frugalrl in the bench's process (``evaluation.evaluate``:
+  greedy, the held-out split), mean over rounds, next to the starting model's accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from frugalrl import checkpoint
+from frugalrl.bench.options import PeerOptions
+from frugalrl.bench.report import fmt, merge_summary, page, run_child, table
+from frugalrl.config import Config, load_config, save_config
+from frugalrl.data import Task
+from frugalrl.evaluation import evaluate, score
+from frugalrl.models import load_policy, policy_device, resolve_model_path
+from frugalrl.trainer import load_inputs, set_seed, train
+
+# frugalrl's grpo preset, without evaluation, checkpoints or a time limit: the run is bench.steps steps.
+# One torch thread: with more threads than free cores (a shared machine), OpenMP's barriers stall on
+# descheduled threads; measured on 2 shared cores, TRL's generate call took 18-25 s instead of 0.25 s
+# on some steps at 2 threads.
+TRAIN_DEFAULTS = ["algo.estimator=grpo", "algo.loss_agg=seq-mean-token-mean", "max_wall_s=0", "eval_every=0",
+                  "save_every=0", "threads=1", "output_dir=runs/bench-peer"]
+SIDES = {"frugalrl": "frugalrl", "trl": "TRL GRPOTrainer"}
+# frugalrl's estimator -> TRL's scale_rewards (both take the group mean as baseline)
+SCALE_REWARDS = {"grpo": "group", "dr_grpo": "none"}
+# frugalrl's algo.loss_agg -> TRL's loss_type (frugalrl normalises over the whole rollout batch, as these do)
+LOSS_TYPES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "seq-mean-token-sum-norm": "dr_grpo"}
+# options TRL's GRPOTrainer has no counterpart of here, with the value both sides then share
+SAME_AS_TRL = {"algo.kl_coef": 0.0, "algo.entropy_coef": 0.0, "train.ppo_epochs": 1, "train.mini_batches": 1,
+               "train.filter_threshold": 0.0, "lora.r": 0, "data.sticky_steps": 1, "rollout.backend": "hf"}
+# keyword arguments TRL gives reward functions besides the dataset's columns
+_TRL_REWARD_ARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+def trl_loss(cfg: Config) -> tuple[str, str]:
+    """TRL's ``(loss_type, scale_rewards)`` for the run config; a ValueError lists what TRL's
+    GRPOTrainer cannot reproduce (and what to set instead)."""
+    wrong = [f"{key}={value!r} (set {want!r})" for key, want in SAME_AS_TRL.items()
+             if (value := functools.reduce(getattr, key.split("."), cfg)) != want]
+    if cfg.algo.estimator not in SCALE_REWARDS:
+        wrong.append(f"algo.estimator={cfg.algo.estimator} (set one of {', '.join(SCALE_REWARDS)})")
+    if cfg.algo.loss_agg not in LOSS_TYPES:
+        wrong.append(f"algo.loss_agg={cfg.algo.loss_agg} (set one of {', '.join(LOSS_TYPES)})")
+    batch = cfg.rollout.batch_prompts * cfg.rollout.group_size
+    if batch % min(cfg.train.micro_batch, batch):
+        wrong.append(f"train.micro_batch={cfg.train.micro_batch} (set a divisor of the {batch} completions per "
+                     "step: TRL accumulates whole micro-batches)")
+    if wrong:
+        raise ValueError("bench peer trains the same algorithm on both sides, and TRL's GRPOTrainer has no "
+                         "equivalent of " + "; ".join(wrong))
+    return LOSS_TYPES[cfg.algo.loss_agg], SCALE_REWARDS[cfg.algo.estimator]
+
+
+@dataclass
+class Record:
+    """What a run reports: ``step_end_s``, the perf_counter time (s) at the end of each step;
+    ``reward_mean``, each step's mean sampled reward; ``completions``, the completions sampled."""
+
+    step_end_s: list[float] = field(default_factory=list)
+    reward_mean: list[float] = field(default_factory=list)
+    completions: int = 0
+
+    def sampled(self, rewards: torch.Tensor) -> None:
+        self.reward_mean.append(rewards.mean().item())
+        self.completions += len(rewards)
+
+
+def _train_frugalrl(cfg: Config, console: Console) -> Record:
+    record = Record()
+
+    def on_step(step, model, rows, rollout, rewards):
+        record.sampled(rewards)
+        record.step_end_s.append(time.perf_counter())
+
+    train(cfg, console, on_step=on_step)  # writes output_dir/model
+    return record
+
+
+def _trl_args(cfg: Config):
+    """TRL's GRPOConfig for the run config (see the protocol)."""
+    from trl import GRPOConfig
+
+    loss_type, scale_rewards = trl_loss(cfg)
+    ro, tr = cfg.rollout, cfg.train
+    batch = ro.batch_prompts * ro.group_size
+    micro = min(tr.micro_batch, batch)
+    return GRPOConfig(
+        output_dir=cfg.output_dir, max_steps=cfg.max_steps, seed=cfg.seed,
+        # per_device_train_batch_size counts completions; one generation batch = one optimizer step
+        generation_batch_size=batch, per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+        num_generations=ro.group_size, max_completion_length=ro.max_new_tokens,
+        temperature=ro.temperature, top_p=ro.top_p, top_k=0, use_vllm=False,
+        learning_rate=tr.lr, warmup_steps=tr.warmup_steps,
+        lr_scheduler_type="cosine" if tr.lr_schedule == "cosine" else "constant_with_warmup",
+        weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
+        beta=0.0, num_iterations=1, loss_type=loss_type, scale_rewards=scale_rewards,
+        bf16=False, fp16=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        use_cpu=policy_device(cfg) == "cpu",
+        eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
+
+
+def _train_trl(cfg: Config, console: Console) -> Record:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    args = _trl_args(cfg)
+    set_seed(cfg.seed)
+    task, model, tokenizer, _ = load_inputs(cfg, console)
+    record = Record()
+
+    def reward(prompts, completions, **kwargs):
+        columns = {k: v for k, v in kwargs.items() if k not in _TRL_REWARD_ARGS}
+        rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+        rewards = score(task.reward_fn, rows, completions)
+        record.sampled(rewards)
+        return rewards.tolist()
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            record.step_end_s.append(time.perf_counter())
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(task.train_rows),
+                          processing_class=tokenizer, callbacks=[StepEnd()])
+    trainer.train()
+    checkpoint.save_model(Path(cfg.output_dir) / "model", trainer.model, tokenizer)
+    return record
+
+
+_TRAINERS = {"frugalrl": _train_frugalrl, "trl": _train_trl}
+
+
+@dataclass
+class Run:
+    """One finished run, as the bench reads it."""
+
+    s_per_step: float
+    peak_rss_mb: float
+    completions: int
+    accuracy: float
+    reward_first: float
+    reward_last: float
+
+
+def _run(side: str, cfg: Config, run_dir: Path, warmup: int, task: Task) -> Run:
+    """Train ``side`` in a process of its own into ``run_dir``, then evaluate its final model."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # nothing of an earlier bench run mixes in
+    run_dir.mkdir(parents=True)
+    cfg = replace(cfg, output_dir=str(run_dir))
+    save_config(cfg, run_dir / "peer-config.yaml")
+    result = run_dir / "peer-result.json"
+    _, rss = run_child(["-m", "frugalrl.bench.peer", side, str(run_dir / "peer-config.yaml"), str(result)],
+                       run_dir / "peer.log")
+    record = Record(**json.loads(result.read_text()))
+    t = record.step_end_s
+    if len(t) != cfg.max_steps:
+        raise RuntimeError(f"the {side} run in {run_dir} made {len(t)} steps instead of {cfg.max_steps}")
+    model, tokenizer = load_policy(replace(cfg, model=replace(cfg.model, name_or_path=str(run_dir / "model"))))
+    accuracy = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
+                        max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
+    return Run((t[-1] - t[warmup - 1]) / (len(t) - warmup), rss, record.completions, accuracy,
+               record.reward_mean[0], record.reward_mean[-1])
+
+
+@dataclass
+class SideStats:
+    """A side's runs over the rounds: medians of time and memory, means of accuracy and reward."""
+
+    runs: list[Run]
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(r, name) for r in self.runs)
+
+    def mean(self, name: str) -> float:
+        return statistics.fmean(getattr(r, name) for r in self.runs)
+
+
+def _plot(stats: dict[str, SideStats], start: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    labels = [SIDES[side] for side in stats]
+    for ax, (values, ylabel) in zip(axes, [
+            ([s.median("s_per_step") for s in stats.values()], "seconds per step"),
+            ([s.median("peak_rss_mb") for s in stats.values()], "peak RSS (MB)"),
+            ([s.mean("accuracy") for s in stats.values()], "held-out accuracy after")]):
+        ax.bar(labels, values, color=["tab:blue", "tab:orange"])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    axes[2].axhline(start, ls="--", color="grey", label="start")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: Config, opts: PeerOptions, command: str, console: Console) -> dict:
+    """Alternate frugalrl and TRL runs; write peer.md and peer.png; merge the ours/TRL ratios of
+    seconds per step and peak RSS (and the raw numbers, ``peer_*``) into summary.json and return them."""
+    if importlib.util.find_spec("trl") is None:
+        raise ValueError("bench peer needs TRL: pip install 'frugalrl[bench]'")
+    if opts.steps <= opts.warmup:
+        raise ValueError(f"bench.steps={opts.steps} leaves no step after bench.warmup={opts.warmup}; raise it")
+    cfg = replace(cfg, max_steps=opts.steps)
+    loss_type, scale_rewards = trl_loss(cfg)  # before any work
+    t0 = time.perf_counter()
+    set_seed(cfg.seed)
+    task, model, tokenizer, _ = load_inputs(cfg, console)  # builds the embedded model when it is not cached
+    start = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
+                     max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    # both sides load this very directory
+    cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(resolve_model_path(cfg).resolve())))
+    runs: dict[str, list[Run]] = {side: [] for side in SIDES}
+    for round_ in range(1, opts.rounds + 1):
+        for side, name in SIDES.items():
+            r = _run(side, cfg, Path(cfg.output_dir) / f"{side}-{round_}", opts.warmup, task)
+            runs[side].append(r)
+            console.print(f"peer bench, round {round_}/{opts.rounds}: {name}: {r.s_per_step:.3f} s/step, "
+                          f"peak RSS {r.peak_rss_mb:.0f} MB, accuracy {start:.3f} -> {r.accuracy:.3f}")
+    stats = {side: SideStats(rs) for side, rs in runs.items()}
+    ours, trl = stats["frugalrl"], stats["trl"]
+    summary = {"step_time_ratio_ours_vs_trl": ours.median("s_per_step") / trl.median("s_per_step"),
+               "peak_rss_ratio_ours_vs_trl": ours.median("peak_rss_mb") / trl.median("peak_rss_mb"),
+               "peer_ours_s_per_step": ours.median("s_per_step"), "peer_trl_s_per_step": trl.median("s_per_step"),
+               "peer_ours_peak_rss_mb": ours.median("peak_rss_mb"), "peer_trl_peak_rss_mb": trl.median("peak_rss_mb"),
+               "peer_accuracy_start": start, "peer_ours_accuracy": ours.mean("accuracy"),
+               "peer_trl_accuracy": trl.mean("accuracy"), "peer_completions": runs["frugalrl"][-1].completions}
+
+    ro, tr = cfg.rollout, cfg.train
+    batch = ro.batch_prompts * ro.group_size
+    micro = min(tr.micro_batch, batch)
+    results_dir = Path(opts.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    model_name = f"{params / 1e6:.2f} M-parameter model"
+    title = f"{model_name}, {ro.batch_prompts} prompts x G={ro.group_size}, {opts.steps} steps, {opts.rounds} rounds"
+    _plot(stats, start, results_dir / "peer.png", title)
+    rows = [[SIDES[side], fmt(s.median("s_per_step"), 3), f"{s.median('peak_rss_mb'):.0f}",
+             str(s.runs[-1].completions), f"{start:.3f}", f"{s.mean('accuracy'):.3f}",
+             f"{s.mean('reward_first'):.3f} -> {s.mean('reward_last'):.3f}"] for side, s in stats.items()]
+    per_round = "; ".join(f"{SIDES[side]}: " + ", ".join(f"{r.s_per_step:.3f} s/{r.peak_rss_mb:.0f} MB" for r in s.runs)
+                          for side, s in stats.items())
+    sections = [
+        f"frugalrl's `{cfg.algo.estimator}` ({cfg.algo.loss_agg}) against TRL {version('trl')}'s `GRPOTrainer` on "
+        f"the same {model_name} and task: {ro.batch_prompts} prompts x G={ro.group_size} = {batch} "
+        f"completions per step of at most {ro.max_new_tokens} tokens, temperature {ro.temperature:g}, top-p "
+        f"{ro.top_p:g}, lr {tr.lr:g} ({tr.lr_schedule}, {tr.warmup_steps} warm-up steps), one optimizer step per "
+        f"batch, no KL, {cfg.model.dtype}, {opts.steps} steps per run; {opts.rounds} rounds, each a frugalrl run "
+        f"then a TRL run, each its own process; {torch.get_num_threads()} torch threads. Seconds per step over "
+        f"steps {opts.warmup + 1}-{opts.steps} (the first {opts.warmup} left out), median over rounds; peak RSS "
+        "of the whole process, median over rounds; accuracy: greedy, "
+        f"{len(task.eval_rows)} held-out prompts, mean over rounds. Protocol: `src/frugalrl/bench/peer.py`.",
+        table(["side", "s/step", "peak RSS MB", "completions", "accuracy before", "accuracy after",
+               "sampled reward, first -> last step"], rows),
+        f"frugalrl / TRL: seconds per step {fmt(summary['step_time_ratio_ours_vs_trl'], 3)} (target <= 0.5), "
+        f"peak RSS {fmt(summary['peak_rss_ratio_ours_vs_trl'], 3)} (target <= 0.7).",
+        f"TRL settings: `loss_type={loss_type!r}`, `scale_rewards={scale_rewards!r}`, `beta=0`, "
+        f"`num_iterations=1`, `num_generations={ro.group_size}`, `generation_batch_size={batch}`, "
+        f"`per_device_train_batch_size={micro}`, `gradient_accumulation_steps={batch // micro}`, "
+        f"`max_completion_length={ro.max_new_tokens}`, `top_k=0`, `use_vllm=False`, `bf16=False`, "
+        f"`gradient_checkpointing={cfg.model.gradient_checkpointing}`. frugalrl: micro-batches of "
+        f"{tr.micro_batch}; samples with advantage 0 (groups of equal rewards) skip their forward pass.",
+        f"Per round (s/step / peak RSS): {per_round}.",
+        f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
+    ]
+    (results_dir / "peer.md").write_text(page("Peer bench: frugalrl vs TRL's GRPOTrainer", command, sections))
+    merge_summary(results_dir, summary)
+    console.print(f"peer bench: frugalrl/TRL step time {summary['step_time_ratio_ours_vs_trl']:.2f}x, peak RSS "
+                  f"{summary['peak_rss_ratio_ours_vs_trl']:.2f}x; results in {results_dir}/peer.md")
+    return summary
+
+
+def _child(side: str, config_path: str, result_path: str) -> None:
+    """One run of ``side`` as the config file says; its Record as JSON in ``result_path``."""
+    cfg = load_config(config_path)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    record = _TRAINERS[side](cfg, Console())
+    Path(result_path).write_text(json.dumps(asdict(record)))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:])
