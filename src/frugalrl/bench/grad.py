@@ -62,7 +62,7 @@ from torch import Tensor
 from frugalrl.bench.options import GradOptions
 from frugalrl.bench.probe import (ESTIMATORS, RUN_DEFAULTS, Group, Probe, Samples, check_groups, describe_run, figure,
                                   load_probes, mean, plot_by_group, train_probed, trajectory)
-from frugalrl.bench.report import fmt, merge_summary, page, table
+from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
 from frugalrl.distributed import private_rng
 from frugalrl.rollout import Rollout, forward_completions
@@ -255,9 +255,6 @@ def run(cfg: Config, opts: GradOptions, command: str, console: Console) -> dict:
         trajectory(probe),
         f"Bench wall time: {wall:.0f} s ({torch.get_num_threads()} torch threads).",
     ]
-    (results_dir / "grad.md").write_text(page("Grad bench: policy-gradient error per estimator", command, sections))
     summary = {f"{key}_g{G}": r for key, per_g in ratios.items() for G, r in per_g.items()}
-    merge_summary(results_dir, summary)
-    console.print(f"grad bench: {', '.join(f'{k}={v:.3f}' for k, v in summary.items())}; "
-                  f"results in {results_dir}/grad.md ({wall:.0f} s)")
-    return summary
+    return publish(results_dir, "grad", "Grad bench: policy-gradient error per estimator", command, sections, summary,
+                   console)

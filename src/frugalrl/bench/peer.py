@@ -55,7 +55,7 @@ from rich.console import Console
 
 from frugalrl import checkpoint
 from frugalrl.bench.options import PeerOptions
-from frugalrl.bench.report import fmt, merge_summary, page, run_child, table
+from frugalrl.bench.report import fmt, publish, run_child, table
 from frugalrl.config import Config, load_config, save_config
 from frugalrl.data import Task
 from frugalrl.evaluation import evaluate, score
@@ -316,11 +316,8 @@ def run(cfg: Config, opts: PeerOptions, command: str, console: Console) -> dict:
         f"Per round (s/step / peak RSS): {per_round}.",
         f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
     ]
-    (results_dir / "peer.md").write_text(page("Peer bench: frugalrl vs TRL's GRPOTrainer", command, sections))
-    merge_summary(results_dir, summary)
-    console.print(f"peer bench: frugalrl/TRL step time {summary['step_time_ratio_ours_vs_trl']:.2f}x, peak RSS "
-                  f"{summary['peak_rss_ratio_ours_vs_trl']:.2f}x; results in {results_dir}/peer.md")
-    return summary
+    return publish(results_dir, "peer", "Peer bench: frugalrl vs TRL's GRPOTrainer", command, sections, summary,
+                   console)
 
 
 def _child(side: str, config_path: str, result_path: str) -> None:

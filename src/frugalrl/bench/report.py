@@ -39,6 +39,17 @@ def page(title: str, command: str, sections: list[str]) -> str:
     return "\n\n".join([f"# {title}", f"```\n{command}\n```", *sections]) + "\n"
 
 
+def publish(results_dir: str | Path, name: str, title: str, command: str, sections: list[str],
+             summary: dict[str, float], console) -> dict[str, float]:
+    """What every bench does last: write ``NAME.md`` (``page``), merge ``summary`` into
+    summary.json, print one line saying so; returns ``summary``."""
+    (Path(results_dir) / f"{name}.md").write_text(page(title, command, sections))
+    merge_summary(results_dir, summary)
+    console.print(f"{name} bench: {', '.join(f'{k}={v:.3f}' for k, v in summary.items())}; "
+                  f"results in {results_dir}/{name}.md")
+    return summary
+
+
 def merge_summary(results_dir: str | Path, values: dict[str, float]) -> Path:
     """Merge ``values`` into ``results_dir/summary.json`` (created when missing); atomic write."""
     path = Path(results_dir) / "summary.json"

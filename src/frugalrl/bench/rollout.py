@@ -30,7 +30,7 @@ from rich.console import Console
 
 from frugalrl import fastgen
 from frugalrl.bench.options import RolloutOptions
-from frugalrl.bench.report import fmt, merge_summary, page, table
+from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
 from frugalrl.rollout import encode_prompts
 from frugalrl.trainer import load_inputs, set_seed
@@ -170,8 +170,5 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         f"{context[top]:.0f}.",
         f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
     ]
-    (results_dir / "rollout.md").write_text(page("Rollout bench: generation throughput", command, sections))
-    merge_summary(results_dir, summary)
-    console.print(f"rollout bench: fastgen/HF {summary['rollout_fastgen_vs_hf']:.2f}x, "
-                  f"{summary['rollout_fraction_of_ceiling']:.3f} of the ceiling; results in {results_dir}/rollout.md")
-    return summary
+    return publish(results_dir, "rollout", "Rollout bench: generation throughput", command, sections, summary,
+                   console)

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from frugalrl.bench.options import TrainOptions
-from frugalrl.bench.report import fmt, merge_summary, page, run_child, table
+from frugalrl.bench.report import fmt, publish, run_child, table
 from frugalrl.config import Config, changed_options, load_config
 from frugalrl.models import resolve_model_path
 
@@ -257,8 +257,5 @@ def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict
         claims,
         f"Bench wall time: {wall / 60:.0f} min.",
     ]
-    (results_dir / "train.md").write_text(page("Train bench: every preset, equal samples", command, sections))
-    merge_summary(results_dir, summary)
-    console.print(f"train bench: {', '.join(f'{k}={v:.3f}' for k, v in summary.items())}; "
-                  f"results in {results_dir}/train.md ({wall / 60:.0f} min)")
-    return summary
+    return publish(results_dir, "train", "Train bench: every preset, equal samples", command, sections, summary,
+                   console)

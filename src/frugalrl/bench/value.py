@@ -28,7 +28,7 @@ from frugalrl.advantages import optimal_value
 from frugalrl.bench.options import ValueOptions
 from frugalrl.bench.probe import (ESTIMATORS, RUN_DEFAULTS, Probe, check_groups, describe_run, figure, load_probes,
                                   mean, plot_by_group, sample, train_probed, trajectory)
-from frugalrl.bench.report import fmt, merge_summary, page, table
+from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
 from frugalrl.vstar import TEMPERATURE as VSTAR_TEMPERATURE
 
@@ -85,9 +85,6 @@ def run(cfg: Config, opts: ValueOptions, command: str, console: Console) -> dict
         trajectory(probe),
         f"Bench wall time: {wall:.0f} s ({torch.get_num_threads()} torch threads).",
     ]
-    (results_dir / "value.md").write_text(page("Value bench: baseline MSE against V(x)", command, sections))
     summary = {f"value_mse_ratio_kae_vs_grpo_g{G}": r for G, r in ratios.items()}
-    merge_summary(results_dir, summary)
-    console.print(f"value bench: {', '.join(f'{k}={v:.3f}' for k, v in summary.items())}; "
-                  f"results in {results_dir}/value.md ({wall:.0f} s)")
-    return summary
+    return publish(results_dir, "value", "Value bench: baseline MSE against V(x)", command, sections, summary,
+                   console)
