@@ -171,7 +171,9 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         console = Console(quiet=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    shard = dist.shard(cfg.rollout.batch_prompts)
+    shard = dist.shard(cfg.rollout.batch_prompts)  # this rank's prompts of each batch
+    G, ro_cfg = cfg.rollout.group_size, cfg.rollout
+    mine = slice(shard.start * G, shard.stop * G)  # and their samples
     run_dir = Path(cfg.output_dir)
     resume_from = dist.main_first(lambda: recovery.checkpoint_to_resume(cfg))
 
@@ -207,11 +209,9 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         save_config(replace(cfg, resume=""), run_dir / "config.yaml")  # usable as --config for a fresh run
     metrics = recovery.MetricsLog(run_dir / "metrics.jsonl" if dist.is_main else None,
                                   keep_through=start if resume_from else None)
-    G, ro_cfg = cfg.rollout.group_size, cfg.rollout
 
-    def run_eval(step: int) -> dict | None:
+    def run_eval(step: int) -> None:
         """Rank 0 evaluates (the others wait); its sampling does not touch the shared RNG."""
-        row = None
         if dist.is_main:
             with distributed.private_rng(device):
                 result = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
@@ -222,7 +222,6 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             metrics.log(row)
             evals.append(row)
         dist.barrier()
-        return row
 
     evals = [r for r in metrics.rows if "eval_accuracy" in r]  # the earlier ones, when resuming
     if cfg.eval_every and not resume_from:
@@ -236,7 +235,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             # one uniform per sample and token of the global batch: a sample's tokens do not
             # depend on which rank generates it
             uniforms = 1.0 - torch.rand(len(batch) * G, ro_cfg.max_new_tokens)
-            rows, uniforms = batch[shard], uniforms[shard.start * G:shard.stop * G]
+            rows, uniforms = batch[shard], uniforms[mine]
             prompts = [r["prompt"] for r in rows for _ in range(G)]
             sampling = dict(max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p)
             rollout = (vllm_engine.generate(model, prompts, **sampling) if vllm_engine
@@ -245,7 +244,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             rewards = score(task.reward_fn, rows, rollout.texts, G)
             all_rewards = dist.gather(rewards)  # the estimator sees the global batch
             est = estimator.estimate(all_rewards, [r["id"] for r in batch for _ in range(G)], step)
-            update = learner.update(rollout, rewards, est.advantages[shard.start * G:shard.stop * G])
+            update = learner.update(rollout, rewards, est.advantages[mine])
             scheduler.step()
             dist.sync_rng()
             # the slowest rank's time, so that every rank agrees on max_wall_s
