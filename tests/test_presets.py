@@ -7,14 +7,12 @@ that 30 steps are enough to see the mean reward rise above the sampling noise (n
 every step would need hundreds of steps, as the bench train runs show)."""
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from frugalrl.config import load_config
-from frugalrl.models import resolve_model_path
+from frugalrl.models import cpu_threads, resolve_model_path
 from frugalrl.trainer import build_estimator, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -22,21 +20,10 @@ PRESETS = ("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar
 STEPS, COMPLETIONS = 30, 64
 
 
-@contextmanager
-def two_threads():
-    """Both cores for these minutes-long runs; the rest of the suite keeps conftest's one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory):
     """The embedded default model after its default SFT warm-up, in a session cache."""
-    with two_threads():
+    with cpu_threads(2):  # both cores for the SFT build; the rest of the suite keeps conftest's one
         return resolve_model_path(load_config(overrides=[f"model.cache_dir={tmp_path_factory.mktemp('cache')}"]))
 
 
@@ -51,9 +38,9 @@ def test_preset_trains_from_the_sft_checkpoint(name, tmp_path, sft_checkpoint):
     cfg = load_config(CONFIGS / f"{name}.yaml", [
         f"model.name_or_path={sft_checkpoint}", f"model.cache_dir={tmp_path / 'cache'}",
         f"output_dir={tmp_path / 'run'}", f"max_steps={STEPS}", "eval_every=0", "save_every=0",
-        f"rollout.batch_prompts={COMPLETIONS // G}", "data.train_size=64", "algo.vstar_prompts=0"])
-    with two_threads():
-        train(cfg)
+        f"rollout.batch_prompts={COMPLETIONS // G}", "data.train_size=64", "algo.vstar_prompts=0",
+        "threads=2"])  # both cores for these minutes-long runs; train() gives the suite back its one
+    train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
     assert len(rewards) == STEPS

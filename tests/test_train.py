@@ -1,6 +1,7 @@
 """End-to-end: the RL loop raises the mean reward of a tiny random model on a toy reward."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -53,6 +54,33 @@ def test_micro_batch_split_gives_same_update(tmp_path, tiny_model_dir):
     for other in weights[1:]:
         for name, value in weights[0].items():
             torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_threads_option_holds_for_the_run_and_is_given_back(tmp_path, tiny_model_dir):
+    cfg = load_config(overrides=[
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "eval_every=0",
+        "rollout.batch_prompts=4", "rollout.group_size=2", "rollout.max_new_tokens=4", "threads=2"])
+    before = torch.get_num_threads()  # conftest's 1
+    seen = []
+    train(cfg, task=_toy_task(), on_step=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen == [2, 2] and torch.get_num_threads() == before
+
+
+def test_steps_with_every_sample_filtered_leave_the_weights_and_say_nothing(tmp_path, tiny_model_dir):
+    """Equal rewards in every group: all advantages 0, so no optimizer step (and no torch warning)."""
+    cfg = load_config(overrides=[
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "eval_every=0",
+        "rollout.batch_prompts=4", "rollout.group_size=2", "rollout.max_new_tokens=4", "train.warmup_steps=0"])
+    rows = _toy_task().train_rows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, task=Task(rows, rows[:4], lambda prompts, completions, **_: [0.0] * len(completions)))
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["filtered_frac"] for r in steps if "reward_mean" in r] == [1.0, 1.0]
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    final = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.equal(initial[k], final[k]) for k in initial)
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():

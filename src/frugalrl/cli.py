@@ -91,15 +91,13 @@ def _run(args, console: Console) -> int:
             print(f"demo: accuracy before={result.accuracy_before:.3f} after={result.accuracy_after:.3f}")
         return 0
     if args.command == "vstar":
-        import torch
-
+        from frugalrl.models import cpu_threads
         from frugalrl.trainer import load_inputs
         from frugalrl.vstar import build_cache
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        task, model, tokenizer, _ = load_inputs(cfg, console)
-        print(json.dumps(build_cache(cfg, model, tokenizer, task, console)))
+        with cpu_threads(cfg.threads):
+            task, model, tokenizer, _ = load_inputs(cfg, console)
+            print(json.dumps(build_cache(cfg, model, tokenizer, task, console)))
         return 0
     if args.command == "sft":
         from frugalrl.models import build_embedded_sft, embedded_sft_path

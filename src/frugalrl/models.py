@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,6 +91,18 @@ def resolve_model_path(cfg, console: Console | None = None) -> Path:
         (console or Console()).print(f"embedded model not cached yet: building it in {path}")
         build_embedded_sft(cfg, path, console)
     return path
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run the block with ``n`` torch CPU threads (0: torch's count as it is), then put back the caller's."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def policy_device(cfg) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,7 @@ from frugalrl.advantages import get_estimator
 from frugalrl.config import Config, save_config
 from frugalrl.data import PromptSampler, Task, load_task
 from frugalrl.evaluation import evaluate, score
-from frugalrl.models import (check_prompt_lengths, load_policy, policy_device, prepare_for_training,
+from frugalrl.models import (check_prompt_lengths, cpu_threads, load_policy, policy_device, prepare_for_training,
                              resolve_model_path)
 from frugalrl.plots import plot_run
 from frugalrl.prompts import format_task
@@ -161,7 +162,8 @@ def train(cfg: Config, console: Console | None = None, task: Task | None = None,
     """
     dist = distributed.init(policy_device(cfg))
     try:
-        return _train(cfg, console or Console(), task, on_step, dist)
+        with cpu_threads(cfg.threads):
+            return _train(cfg, console or Console(), task, on_step, dist)
     finally:
         distributed.close(dist)
 
@@ -169,8 +171,6 @@ def train(cfg: Config, console: Console | None = None, task: Task | None = None,
 def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: distributed.Dist) -> RunResult:
     if not dist.is_main:  # rank 0 speaks for the run
         console = Console(quiet=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     shard = dist.shard(cfg.rollout.batch_prompts)  # this rank's prompts of each batch
     G, ro_cfg = cfg.rollout.group_size, cfg.rollout
     mine = slice(shard.start * G, shard.stop * G)  # and their samples
@@ -245,7 +245,11 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             all_rewards = dist.gather(rewards)  # the estimator sees the global batch
             est = estimator.estimate(all_rewards, [r["id"] for r in batch for _ in range(G)], step)
             update = learner.update(rollout, rewards, est.advantages[mine])
-            scheduler.step()
+            with warnings.catch_warnings():
+                # a step whose samples were all filtered out makes no optimizer step, and the
+                # schedule advances by steps all the same: torch's warning about it is noise
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+                scheduler.step()
             dist.sync_rng()
             # the slowest rank's time, so that every rank agrees on max_wall_s
             dt = dist.max([time.perf_counter() - t0])[0]

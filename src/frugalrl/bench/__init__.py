@@ -50,8 +50,7 @@ def configure(name: str, config_path: str | None, overrides: list[str]):
 def run(name: str, config_path: str | None, overrides: list[str], console: Console) -> dict:
     """Run bench ``name``; returns the numbers it merged into summary.json."""
     module, cfg, opts = configure(name, config_path, overrides)
-    if cfg.threads:
-        import torch
+    from frugalrl.models import cpu_threads
 
-        torch.set_num_threads(cfg.threads)
-    return module.run(cfg, opts, command_line(name, config_path, overrides), console)
+    with cpu_threads(cfg.threads):
+        return module.run(cfg, opts, command_line(name, config_path, overrides), console)

@@ -59,7 +59,7 @@ from frugalrl.bench.report import fmt, publish, run_child, table
 from frugalrl.config import Config, load_config, save_config
 from frugalrl.data import Task
 from frugalrl.evaluation import evaluate, score
-from frugalrl.models import load_policy, policy_device, resolve_model_path
+from frugalrl.models import cpu_threads, load_policy, policy_device, resolve_model_path
 from frugalrl.trainer import load_inputs, set_seed, train
 
 # frugalrl's grpo preset, without evaluation, checkpoints or a time limit: the run is bench.steps steps.
@@ -323,9 +323,8 @@ def run(cfg: Config, opts: PeerOptions, command: str, console: Console) -> dict:
 def _child(side: str, config_path: str, result_path: str) -> None:
     """One run of ``side`` as the config file says; its Record as JSON in ``result_path``."""
     cfg = load_config(config_path)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    record = _TRAINERS[side](cfg, Console())
+    with cpu_threads(cfg.threads):
+        record = _TRAINERS[side](cfg, Console())
     Path(result_path).write_text(json.dumps(asdict(record)))
 
 

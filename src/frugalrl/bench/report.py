@@ -40,17 +40,18 @@ def page(title: str, command: str, sections: list[str]) -> str:
 
 
 def publish(results_dir: str | Path, name: str, title: str, command: str, sections: list[str],
-             summary: dict[str, float], console) -> dict[str, float]:
+             summary: dict[str, float | None], console) -> dict[str, float | None]:
     """What every bench does last: write ``NAME.md`` (``page``), merge ``summary`` into
-    summary.json, print one line saying so; returns ``summary``."""
+    summary.json (None as null: measured, with no number, so a stale one is not left standing),
+    print one line saying so; returns ``summary``."""
     (Path(results_dir) / f"{name}.md").write_text(page(title, command, sections))
     merge_summary(results_dir, summary)
-    console.print(f"{name} bench: {', '.join(f'{k}={v:.3f}' for k, v in summary.items())}; "
+    console.print(f"{name} bench: {', '.join(f'{k}={fmt(v, 3)}' for k, v in summary.items())}; "
                   f"results in {results_dir}/{name}.md")
     return summary
 
 
-def merge_summary(results_dir: str | Path, values: dict[str, float]) -> Path:
+def merge_summary(results_dir: str | Path, values: dict[str, float | None]) -> Path:
     """Merge ``values`` into ``results_dir/summary.json`` (created when missing); atomic write."""
     path = Path(results_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}

@@ -148,7 +148,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict:
     """Train every ``bench.runs`` label for every seed; write train.md and train.png; merge the
-    time and memory ratios into summary.json and return them."""
+    time and memory ratios into summary.json and return them (None: a side never reached the
+    target in some seed, or was not run)."""
     unknown = [label for label in opts.runs if label not in RUNS]
     if unknown or not opts.runs or not opts.seeds:
         raise ValueError(f"bench.runs={opts.runs} must name some of {list(RUNS)} and bench.seeds some seeds")
@@ -209,7 +210,6 @@ def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict
         "peak_rss_ratio_astar_vs_ppo": (_ratio(stats["astar"].mean("peak_rss_mb"), stats["ppo"].mean("peak_rss_mb"))
                                         if "astar" in stats and "ppo" in stats else None),
     }
-    summary = {k: v for k, v in ratios.items() if v is not None}
 
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,8 @@ def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict
         ["A*-PO / PPO, time to target (without stage 1)", fmt(ratios["time_ratio_astar_vs_ppo_no_stage1"], 3), "—"],
         ["A*-PO / GRPO, time to target (stage 1 included)", fmt(ratios["time_ratio_astar_vs_grpo"], 3), "—"],
         ["A*-PO / PPO, peak RSS", fmt(ratios["peak_rss_ratio_astar_vs_ppo"], 3), "<= 1"],
-    ])
+    ]) + ("\n\nn/a: one side of the ratio was not run, or did not reach the target in every seed (its "
+          "time-to-target cell above says in how many); summary.json has null there." if None in ratios.values() else "")
     sections = [
         f"Every run starts from `{model.name}` (held-out greedy accuracy {start:.3f} on "
         f"{ref.records[0].eval_prompts} "
@@ -257,5 +258,5 @@ def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict
         claims,
         f"Bench wall time: {wall / 60:.0f} min.",
     ]
-    return publish(results_dir, "train", "Train bench: every preset, equal samples", command, sections, summary,
+    return publish(results_dir, "train", "Train bench: every preset, equal samples", command, sections, ratios,
                    console)
