@@ -166,3 +166,15 @@ def test_bench_train(tmp_path, toy_options, capsys):
     assert [r["samples"] for r in steps if "reward_mean" in r] == [16, 32]  # 8 prompts x G=2, two steps
     assert (tmp_path / "runs" / "astar-seed0" / "vstar.json").is_file()
     assert (tmp_path / "results" / "train.png").stat().st_size > 0
+
+
+def test_run_child_reports_the_child_peak_not_the_parent(tmp_path):
+    """A child smaller than this process reads as small (ru_maxrss would start from our RSS)."""
+    from frugalrl.bench.report import run_child
+
+    ballast = b"\x01" * (600 * 2**20)  # 600 MB, written: this process's RSS is now above it
+    seconds, peak = run_child("platform", [], tmp_path / "platform.log")
+    assert ballast[-1] == 1 and seconds > 0
+    assert 1 < peak < 300, peak
+    with pytest.raises(RuntimeError, match="failed with exit code 2"):
+        run_child("frugalrl.cli", ["no-such-command"], tmp_path / "bad.log")

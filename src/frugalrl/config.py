@@ -176,7 +176,10 @@ class TrainConfig:
                            choices=("constant", "cosine"))
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip (0 = off)", min=0)
-    micro_batch: int = opt(64, "sequences per forward/backward pass (gradient accumulation)", min=1)
+    # 16, not 64: on the embedded model 64 raised peak RSS from 545 to 730 MB for no speed
+    # (1.07 vs 1.13 s per GRPO step, 1 thread); the update does not depend on the split
+    micro_batch: int = opt(16, "sequences per forward/backward pass (gradient accumulation; sets "
+                           "back-propagation's memory)", min=1)
     filter_threshold: float = opt(0.0, "drop samples with |advantage| <= this before their forward pass "
                                   "(0 drops exact zeros only, and only where that leaves the update "
                                   "unchanged)", min=0)

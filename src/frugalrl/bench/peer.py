@@ -24,7 +24,7 @@ Protocol of ``frugalrl bench peer``:
   with seq-mean-token-mean, ``loss_type="grpo"`` (each completion's token mean, then the mean
   over completions) and ``scale_rewards="group"`` (A = (r - group mean) / (group std + 1e-4)).
 * Each run is a process of its own (``python -m frugalrl.bench.peer SIDE ...``), so that its peak
-  RSS (``os.wait4``, start-up to exit: imports, data, model, training, saving the final model) is
+  RSS (its VmHWM, ``report.run_child``; start-up to exit: imports, data, model, training, saving the final model) is
   its own. Both sides import frugalrl's loaders (torch, transformers, matplotlib); TRL's also
   imports trl, datasets and accelerate. Runs alternate frugalrl, TRL, frugalrl, TRL, ... for
   ``bench.rounds`` rounds, all with the run config's seed and, by default, one torch thread
@@ -197,7 +197,7 @@ def _run(side: str, cfg: Config, run_dir: Path, warmup: int, task: Task) -> Run:
     cfg = replace(cfg, output_dir=str(run_dir))
     save_config(cfg, run_dir / "peer-config.yaml")
     result = run_dir / "peer-result.json"
-    _, rss = run_child(["-m", "frugalrl.bench.peer", side, str(run_dir / "peer-config.yaml"), str(result)],
+    _, rss = run_child("frugalrl.bench.peer", [side, str(run_dir / "peer-config.yaml"), str(result)],
                        run_dir / "peer.log")
     record = Record(**json.loads(result.read_text()))
     t = record.step_end_s

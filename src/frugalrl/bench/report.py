@@ -63,18 +63,26 @@ def merge_summary(results_dir: str | Path, values: dict[str, float | None]) -> P
     return path
 
 
-def run_child(argv: list[str], log: str | Path) -> tuple[float, float]:
-    """Run ``python ARGV`` (this interpreter) to completion with its output in ``log``:
-    (wall seconds, peak RSS in MB of that process alone, from ``os.wait4``). A failed run
-    raises RuntimeError with the end of its log."""
+def run_child(module: str, args: list[str], log: str | Path) -> tuple[float, float]:
+    """Run ``python -m MODULE ARGS`` (this interpreter) to completion with its output in ``log``:
+    (wall seconds, peak RSS in MB of that process alone). A failed run raises RuntimeError with
+    the end of its log.
+
+    The peak is the child's own high-water mark (VmHWM), which it writes as it exits (``measured``).
+    ``os.wait4``'s ru_maxrss would not do: Linux starts it from the parent's RSS at the fork and
+    keeps it across exec, so every child smaller than the bench's own process read as big as it
+    (measured: four runs of two programs all at 747.40 MB).
+    """
     log = Path(log)
+    peak_file = log.with_name(log.name + ".peak_mb")
+    peak_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        proc = subprocess.run([sys.executable, "-m", "frugalrl.bench.measured", str(peak_file), module, *args],
+                              stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"`python {' '.join(argv)}` failed with exit code {proc.returncode} (log {log}):\n{tail}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+        raise RuntimeError(f"`python -m {module} {' '.join(args)}` failed with exit code {proc.returncode} "
+                           f"(log {log}):\n{tail}")
+    return seconds, float(peak_file.read_text())

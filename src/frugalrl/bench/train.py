@@ -8,7 +8,7 @@ Protocol of ``frugalrl bench train``:
   so that drifts of a shared machine spread over all labels.
 * Each run is its own process, ``frugalrl train --config configs/PRESET.yaml`` plus the bench's
   run options (``TRAIN_DEFAULTS``, then the command line's options), then ``seed``, ``max_steps``
-  and ``output_dir``: its peak RSS is its own (``os.wait4``). Every run starts from the same
+  and ``output_dir``: its peak RSS is its own (its VmHWM: ``report.run_child``). Every run starts from the same
   model: ``model.name_or_path`` (default: the embedded SFT checkpoint of the base config, built
   once). The data split is fixed (``data.seed=0``), so seeds vary sampling and order only.
 * Budget: ``bench.samples`` sampled completions for training, so a run makes
@@ -101,7 +101,7 @@ class LabelStats:
 
 def _child(argv: list[str], log: Path) -> tuple[float, float]:
     """``frugalrl ARGV`` in its own process: (seconds, peak RSS in MB)."""
-    return run_child(["-m", "frugalrl.cli", *argv], log)
+    return run_child("frugalrl.cli", argv, log)
 
 
 def _record(label: str, seed: int, run_dir: Path, process_s: float, rss: float, **stage1) -> RunRecord:
