@@ -160,6 +160,7 @@ def test_bench_train(tmp_path, toy_options, capsys):
     assert summary["time_to_target_ratio_dash_vs_grpo"] is None  # dash not among the runs
     page = (tmp_path / "results" / "train.md").read_text()
     assert "frugalrl bench train" in page and "| kae | kae |" in page and "A*-PO / PPO, peak RSS" in page
+    assert "n/a: one side of the ratio was not run" in page
     assert "32 sampled completions" in page and "32 samples" in page  # stage 1: 16 prompts x 2
     assert "on 6 prompts" in page  # a tenth of the toy file is held out
     steps = [json.loads(line) for line in (tmp_path / "runs" / "kae-seed0" / "metrics.jsonl").read_text().splitlines()]

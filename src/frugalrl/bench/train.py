@@ -8,9 +8,9 @@ Protocol of ``frugalrl bench train``:
   so that drifts of a shared machine spread over all labels.
 * Each run is its own process, ``frugalrl train --config configs/PRESET.yaml`` plus the bench's
   run options (``TRAIN_DEFAULTS``, then the command line's options), then ``seed``, ``max_steps``
-  and ``output_dir``: its peak RSS is its own (its VmHWM: ``report.run_child``). Every run starts from the same
-  model: ``model.name_or_path`` (default: the embedded SFT checkpoint of the base config, built
-  once). The data split is fixed (``data.seed=0``), so seeds vary sampling and order only.
+  and ``output_dir``: its peak RSS is its own (its VmHWM: ``report.run_child``). Every run starts
+  from the same model: ``model.name_or_path`` (default: the embedded SFT checkpoint of the base
+  config, built once). The data split is fixed (``data.seed=0``), so seeds vary sampling and order only.
 * Budget: ``bench.samples`` sampled completions for training, so a run makes
   ``bench.samples / (rollout.batch_prompts x rollout.group_size)`` steps. A*-PO's stage 1 (its n
   reference samples per prompt) runs first as its own process (``frugalrl vstar`` into the run
@@ -244,8 +244,10 @@ def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict
         ["A*-PO / PPO, time to target (without stage 1)", fmt(ratios["time_ratio_astar_vs_ppo_no_stage1"], 3), "—"],
         ["A*-PO / GRPO, time to target (stage 1 included)", fmt(ratios["time_ratio_astar_vs_grpo"], 3), "—"],
         ["A*-PO / PPO, peak RSS", fmt(ratios["peak_rss_ratio_astar_vs_ppo"], 3), "<= 1"],
-    ]) + ("\n\nn/a: one side of the ratio was not run, or did not reach the target in every seed (its "
-          "time-to-target cell above says in how many); summary.json has null there." if None in ratios.values() else "")
+    ])
+    if None in ratios.values():
+        claims += ("\n\nn/a: one side of the ratio was not run, or did not reach the target in every seed (its "
+                   "time-to-target cell above says in how many); summary.json has null there.")
     sections = [
         f"Every run starts from `{model.name}` (held-out greedy accuracy {start:.3f} on "
         f"{ref.records[0].eval_prompts} "
