@@ -56,10 +56,15 @@ def test_micro_batch_split_gives_same_update(tmp_path, tiny_model_dir):
             torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-5)
 
 
-def test_threads_option_holds_for_the_run_and_is_given_back(tmp_path, tiny_model_dir):
-    cfg = load_config(overrides=[
+def _two_tiny_steps(tmp_path, tiny_model_dir, *options):
+    """A two-step run of 4 prompts x G=2 on the tiny model, into tmp_path/run."""
+    return load_config(overrides=[
         f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "eval_every=0",
-        "rollout.batch_prompts=4", "rollout.group_size=2", "rollout.max_new_tokens=4", "threads=2"])
+        "rollout.batch_prompts=4", "rollout.group_size=2", "rollout.max_new_tokens=4", *options])
+
+
+def test_threads_option_holds_for_the_run_and_is_given_back(tmp_path, tiny_model_dir):
+    cfg = _two_tiny_steps(tmp_path, tiny_model_dir, "threads=2")
     before = torch.get_num_threads()  # conftest's 1
     seen = []
     train(cfg, task=_toy_task(), on_step=lambda *_: seen.append(torch.get_num_threads()))
@@ -68,9 +73,7 @@ def test_threads_option_holds_for_the_run_and_is_given_back(tmp_path, tiny_model
 
 def test_steps_with_every_sample_filtered_leave_the_weights_and_say_nothing(tmp_path, tiny_model_dir):
     """Equal rewards in every group: all advantages 0, so no optimizer step (and no torch warning)."""
-    cfg = load_config(overrides=[
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "eval_every=0",
-        "rollout.batch_prompts=4", "rollout.group_size=2", "rollout.max_new_tokens=4", "train.warmup_steps=0"])
+    cfg = _two_tiny_steps(tmp_path, tiny_model_dir, "train.warmup_steps=0")
     rows = _toy_task().train_rows
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

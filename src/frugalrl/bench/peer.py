@@ -26,9 +26,9 @@ Protocol of ``frugalrl bench peer``:
 * Each run is a process of its own (``python -m frugalrl.bench.peer SIDE ...``), so that its peak
   RSS (its VmHWM, ``report.run_child``; start-up to exit: imports, data, model, training, saving
   the final model) is its own. Both sides import frugalrl's loaders (torch, transformers,
-  matplotlib); TRL's also imports trl, datasets and accelerate. Runs alternate frugalrl, TRL, frugalrl, TRL, ... for
-  ``bench.rounds`` rounds, all with the run config's seed and, by default, one torch thread
-  each (``threads=1``: see ``TRAIN_DEFAULTS``).
+  matplotlib); TRL's also imports trl, datasets and accelerate. Runs alternate frugalrl, TRL,
+  frugalrl, TRL, ... for ``bench.rounds`` rounds, all with the run config's seed and, by default,
+  one torch thread each (``threads=1``: see ``TRAIN_DEFAULTS``).
 * Seconds per step: each run timestamps the end of every step (perf_counter); s/step =
   (t_N - t_w) / (N - w), leaving out the first w = ``bench.warmup`` steps (lazy initialisation,
   allocator growth). The median over rounds is reported, and the median peak RSS.

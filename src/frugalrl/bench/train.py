@@ -10,7 +10,8 @@ Protocol of ``frugalrl bench train``:
   run options (``TRAIN_DEFAULTS``, then the command line's options), then ``seed``, ``max_steps``
   and ``output_dir``: its peak RSS is its own (its VmHWM: ``report.run_child``). Every run starts
   from the same model: ``model.name_or_path`` (default: the embedded SFT checkpoint of the base
-  config, built once). The data split is fixed (``data.seed=0``), so seeds vary sampling and order only.
+  config, built once). The data split is fixed (``data.seed=0``), so seeds vary sampling and
+  order only.
 * Budget: ``bench.samples`` sampled completions for training, so a run makes
   ``bench.samples / (rollout.batch_prompts x rollout.group_size)`` steps. A*-PO's stage 1 (its n
   reference samples per prompt) runs first as its own process (``frugalrl vstar`` into the run
