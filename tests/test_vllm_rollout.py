@@ -19,7 +19,8 @@ from frugalrl.vllm_rollout import VLLMRollout
 
 class FakeLLM:
     """What VLLMRollout uses of ``vllm.LLM``, recording the calls. ``outputs``: the (token_ids,
-    finish_reason) of each prompt of the next ``generate``; None = random tokens up to max_tokens."""
+    finish_reason[, stop_reason]) of each prompt of the next ``generate``; None = random tokens up
+    to max_tokens."""
 
     def __init__(self, in_process=True, outputs=None, vocab=50):
         self.calls, self.loaded, self.outputs, self.vocab = [], {}, outputs, vocab
@@ -47,8 +48,9 @@ class FakeLLM:
         self.prompts, self.params = prompts, params
         scripted = self.outputs or [(torch.randint(4, self.vocab, (params["max_tokens"],)).tolist(), "length")
                                      for _ in prompts]
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=reason)])
-                for ids, reason in scripted]
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=reason,
+                                                         stop_reason=stop[0] if stop else None)])
+                for ids, reason, *stop in scripted]
 
 
 def _sampling_params(**kwargs):
@@ -75,6 +77,24 @@ def test_rollout_tensors_weights_and_sleep_order(tiny_model_dir):
     assert torch.equal(rollout.prompt_ids, reference.prompt_ids)
     assert llm.loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(llm.loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_stops_at_the_generation_configs_end_of_turn_ids(tiny_model_dir):
+    """A chat model's generation config lists an end-of-turn id beside the tokenizer's EOS: the
+    engine is asked to stop at both, and a completion ends at whichever comes first."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eos, eot, a, b = tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<unk>", "a", "b"])
+    model.generation_config.eos_token_id = [eot, eos]
+    # the end-of-turn id listed, then not listed (stop_reason names it), then EOS not listed
+    llm = FakeLLM(outputs=[([a, eot], "stop", eot), ([b], "stop", eot), ([a, b], "stop")])
+    rollout = VLLMRollout(llm, tokenizer, _sampling_params, sleep=False).generate(model, ["1=", "2=", "3="],
+                                                                                  max_new_tokens=4)
+    assert llm.params["stop_token_ids"] == sorted([eos, eot])
+    pad = tokenizer.pad_token_id
+    assert rollout.completion_ids.tolist() == [[a, eot, pad], [b, eot, pad], [a, b, eos]]
+    assert rollout.completion_mask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    assert not rollout.truncated.any() and rollout.texts == ["a", "b", "ab"]
 
 
 def test_lora_policy_pushes_merged_weights_through_collective_rpc(tiny_model_dir):

@@ -20,8 +20,9 @@ class Rollout:
     """N sequences. P = longest prompt, T = longest completion (both in tokens).
 
     prompt_ids, prompt_mask: (N, P), left-padded. completion_ids, completion_mask: (N, T),
-    right-padded; the mask covers the completion up to and including its EOS token.
-    truncated: (N,) bool, True where generation hit max_new_tokens before EOS.
+    right-padded; the mask covers the completion up to and including its first stop token
+    (``stop_token_ids``: EOS or an end-of-turn token).
+    truncated: (N,) bool, True where generation hit max_new_tokens before a stop token.
     """
 
     prompt_ids: torch.Tensor
@@ -66,13 +67,29 @@ class Rollout:
                 "attention_mask": mask, "position_ids": positions}
 
 
-def _completion_mask(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) mask up to and including the first EOS, and (N,) truncated flags."""
-    is_eos = ids == eos_id
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, ids.shape[1], dtype=torch.long))
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The token ids that end a completion, sorted: the tokenizer's EOS and every id of the
+    model's ``generation_config.eos_token_id`` (an int or a list).
+
+    Chat models end a turn with an id that only the generation config lists (Qwen2.5's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``); stopping at the tokenizer's EOS alone would run
+    every completion on to ``max_new_tokens``.
+    """
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if listed is None else list(listed) if isinstance(listed, (list, tuple)) else [listed]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids})
+
+
+def _completion_mask(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) mask up to and including the first of ``stop_ids``, and (N,) truncated flags."""
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, dtype=ids.dtype, device=ids.device))
+    has_stop = is_stop.any(dim=1)
+    first = torch.where(has_stop, is_stop.float().argmax(dim=1),
+                        torch.full_like(has_stop, ids.shape[1], dtype=torch.long))
     mask = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) <= first.unsqueeze(1)
-    return mask.float(), ~has_eos
+    return mask.float(), ~has_stop
 
 
 def encode_prompts(tokenizer, prompts: list[str]):
@@ -80,10 +97,11 @@ def encode_prompts(tokenizer, prompts: list[str]):
     return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
 
 
-def make_rollout(tokenizer, enc, completion: torch.Tensor) -> Rollout:
+def make_rollout(tokenizer, enc, completion: torch.Tensor, stop_ids: list[int]) -> Rollout:
     """The Rollout of prompts ``enc`` (``encode_prompts``) and sampled tokens ``completion`` (N, T):
-    everything after a sequence's first EOS becomes padding, and the texts are decoded."""
-    mask, truncated = _completion_mask(completion, tokenizer.eos_token_id)
+    everything after a sequence's first stop token (``stop_token_ids``) becomes padding, and the
+    texts are decoded."""
+    mask, truncated = _completion_mask(completion, stop_ids)
     completion = completion.masked_fill(~mask.bool(), tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     return Rollout(enc["input_ids"], enc["attention_mask"], completion, mask, truncated, texts)
@@ -112,8 +130,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
 
     ``backend``: "fast" samples with :mod:`frugalrl.fastgen` (Llama / Qwen2 models only), "hf"
     with Hugging Face ``generate``, "auto" (default) with fastgen wherever it supports the model.
-    Both sample from softmax(logits / temperature) after top-p; fastgen ignores any other
-    settings in ``model.generation_config``.
+    Both sample from softmax(logits / temperature) after top-p and stop at any of
+    ``stop_token_ids``; fastgen ignores any other settings in ``model.generation_config``.
 
     ``uniforms`` (N, >= max_new_tokens) in (0, 1] fix the random draws: fastgen draws token t of
     completion n at ``uniforms[n, t]``, the same whatever else is in the batch; Hugging Face
@@ -124,11 +142,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, prompts).items()}
+    stop_ids = stop_token_ids(model, tokenizer)
     use_fast = backend == "fast" or (backend == "auto" and fastgen.supports(model))
     if use_fast:
         completion = fastgen.generate(
             model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
             temperature=temperature, top_p=top_p, greedy=greedy, uniforms=uniforms).tokens
     else:
         was_training = model.training
@@ -139,10 +158,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
             out = model.generate(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=not greedy,
                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, **sampling)
+                eos_token_id=stop_ids, **sampling)
         model.train(was_training)
         completion = out[:, enc["input_ids"].shape[1]:]
-    return make_rollout(tokenizer, enc, completion)
+    return make_rollout(tokenizer, enc, completion, stop_ids)
 
 
 @dataclass
@@ -173,12 +192,13 @@ def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, en
     logits = out.logits[:, P - 1:-1].float()
     if temperature != 1.0:
         logits = logits / temperature
-    mask = rollout.completion_mask
+    # select rather than multiply: 0 * inf and 0 * NaN are NaN, and padding's logits may be either
+    keep = rollout.completion_mask.bool()
     log_z = logits.logsumexp(-1)
     picked = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    result = TokenOutputs((picked - log_z) * mask)
+    result = TokenOutputs(torch.where(keep, picked - log_z, 0.0))
     if entropy:
-        result.entropy = (log_z - (logits.softmax(-1) * logits).sum(-1)) * mask
+        result.entropy = torch.where(keep, log_z - (logits.softmax(-1) * logits).sum(-1), 0.0)
     if hidden:
         result.hidden = out.hidden_states[-1][:, P - 1:-1]
     return result

@@ -12,13 +12,14 @@ sleep so that the training step gets its GPU memory back. One rollout:
    workers run in their own processes) through ``llm.collective_rpc``. The prefix cache, which
    holds keys and values computed with the old weights, is reset;
 3. ``llm.generate`` on the prompts' token ids with ``SamplingParams(temperature, top_p,
-   max_tokens, stop_token_ids=[EOS])`` (temperature 0 = greedy);
+   max_tokens, stop_token_ids)`` (temperature 0 = greedy; the stop ids are ``rollout.stop_token_ids``:
+   the tokenizer's EOS and the end-of-turn ids of the model's generation config);
 4. ``llm.sleep(level=1)``: weights to CPU memory, KV cache freed. Level 1 rather than 2 (drop the
    weights, as the next push overwrites them) so that anything the push does not cover, such
    as buffers, survives.
 
 The result is the same ``Rollout`` that ``rollout.generate`` builds: the prompts tokenised by
-frugalrl's tokenizer (left-padded), the completions cut after their first EOS. Only the training
+frugalrl's tokenizer (left-padded), the completions cut after their first stop id. Only the training
 rollouts use the engine; evaluation and A*-PO's stage 1 sample in process.
 
 vLLM is an optional extra (``pip install 'frugalrl[vllm]'``) and needs CUDA.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from frugalrl import lora
-from frugalrl.rollout import Rollout, encode_prompts, make_rollout
+from frugalrl.rollout import Rollout, encode_prompts, make_rollout, stop_token_ids
 
 __all__ = ["VLLMRollout"]
 
@@ -66,8 +67,8 @@ class VLLMRollout:
         llm = vllm.LLM(model=str(model_path), tokenizer=str(model_path), dtype=cfg.model.dtype, seed=cfg.seed,
                        gpu_memory_utilization=r.vllm_gpu_memory, enable_sleep_mode=r.vllm_sleep,
                        max_model_len=max_prompt + r.max_new_tokens if max_prompt else None,
-                       # stop at the tokenizer's EOS only, as rollout.generate does, not at the extra
-                       # end tokens a model's generation_config.json may list
+                       # vLLM's sampling defaults, not generation_config.json's (top_k, penalties):
+                       # frugalrl passes its own settings, and the stop ids (``stop_token_ids``)
                        generation_config="vllm")
         return cls(llm, tokenizer, vllm.SamplingParams, r.vllm_sleep)
 
@@ -88,8 +89,9 @@ class VLLMRollout:
         enc = encode_prompts(self.tokenizer, prompts)
         token_prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()}
                          for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+        stop_ids = stop_token_ids(model, self.tokenizer)
         params = self.sampling_params(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                      max_tokens=max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id])
+                                      max_tokens=max_new_tokens, stop_token_ids=stop_ids)
         if self.sleep:
             self.llm.wake_up()
         try:
@@ -98,14 +100,18 @@ class VLLMRollout:
         finally:
             if self.sleep:
                 self.llm.sleep(level=1)
-        eos, tokens = self.tokenizer.eos_token_id, []
+        tokens = []
         for out in outputs:
-            ids = list(out.outputs[0].token_ids)
-            if out.outputs[0].finish_reason == "stop" and ids[-1:] != [eos]:
-                ids.append(eos)  # vLLM versions differ on whether the stop token is listed
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            if sample.finish_reason == "stop" and not (ids and ids[-1] in stop_ids):
+                # vLLM versions differ on whether the stop token is listed; stop_reason names the
+                # stop id it met, and is None when it met the tokenizer's EOS
+                reason = getattr(sample, "stop_reason", None)
+                ids.append(reason if reason in stop_ids else self.tokenizer.eos_token_id)
             tokens.append(ids)
         completion = torch.full((len(tokens), max(map(len, tokens), default=0)), self.tokenizer.pad_token_id,
                                 dtype=torch.long)
         for i, ids in enumerate(tokens):
             completion[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return make_rollout(self.tokenizer, enc, completion)
+        return make_rollout(self.tokenizer, enc, completion, stop_ids)

@@ -1,0 +1,144 @@
+"""Rollouts (rollout.py): where completions stop, and how padding is masked."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from frugalrl import evaluation, rollout, vstar
+from frugalrl.config import load_config
+from frugalrl.data import Task
+from frugalrl.embedded import build_tokenizer
+from frugalrl.losses import astar_loss
+from frugalrl.models import load_policy
+from frugalrl.rollout import Rollout, forward_completions, generate, stop_token_ids
+
+END_OF_TURN = "<|im_end|>"
+ROWS = [{"id": f"p{i}", "prompt": f"{i}+1=", "answer": "7"} for i in range(4)]
+
+
+def _always_one(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    """A tiny Llama saved as a chat model is: its turns end with END_OF_TURN, a special token
+    that ``generation_config.json`` lists as an eos id beside the tokenizer's EOS, and it emits
+    END_OF_TURN at once whatever the prompt."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_TURN]})
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # every token's embedding carries a large first coordinate, which the layers barely
+        # change, so the final normalised state points along it; only END_OF_TURN's output
+        # row reads it, so END_OF_TURN wins by a margin of ~50 nats
+        model.model.embed_tokens.weight[:, 0] = 1000.0
+        model.lm_head.weight[eot] = 0.0
+        model.lm_head.weight[eot, 0] = 10.0
+    path = tmp_path_factory.mktemp("chat_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=[tokenizer.eos_token_id, eot]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_policy(chat_model_dir):
+    """(model, tokenizer, END_OF_TURN's id), loaded as a run loads its policy."""
+    model, tokenizer = load_policy(load_config(overrides=[f"model.name_or_path={chat_model_dir}",
+                                                          "model.device=cpu"]))
+    return model, tokenizer, tokenizer.convert_tokens_to_ids(END_OF_TURN)
+
+
+def _assert_stopped_at_once(ro: Rollout, eot: int) -> None:
+    assert ro.completion_ids.shape[1] >= 1 and (ro.completion_ids[:, 0] == eot).all()
+    assert ro.completion_mask.sum(1).tolist() == [1.0] * len(ro)
+    assert not ro.truncated.any()
+
+
+def test_stop_ids_are_the_tokenizers_eos_and_the_generation_configs(chat_policy):
+    model, tokenizer, eot = chat_policy
+    assert stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, eot})
+    model.generation_config.eos_token_id = eot  # an int, not a list
+    try:
+        assert stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, eot})
+    finally:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, eot]
+
+
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_stops_at_the_generation_configs_end_of_turn(chat_policy, backend, greedy):
+    model, tokenizer, eot = chat_policy
+    ro = generate(model, tokenizer, [r["prompt"] for r in ROWS], max_new_tokens=8, greedy=greedy, backend=backend)
+    _assert_stopped_at_once(ro, eot)
+    assert ro.texts == [""] * len(ROWS)  # the special token is not part of the text
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Every rollout that evaluation and A*-PO's stage 1 sample."""
+    rollouts = []
+
+    def recording(*args, **kwargs):
+        rollouts.append(rollout.generate(*args, **kwargs))
+        return rollouts[-1]
+
+    for module in (evaluation, vstar):
+        monkeypatch.setattr(module, "generate", recording)
+    return rollouts
+
+
+def test_evaluation_stops_at_the_end_of_turn(chat_policy, sampled):
+    model, tokenizer, eot = chat_policy
+    evaluation.evaluate(model, tokenizer, ROWS, _always_one, max_new_tokens=8, pass_k=2)
+    assert len(sampled) == 2  # greedy, then pass@k
+    for ro in sampled:
+        _assert_stopped_at_once(ro, eot)
+
+
+def test_vstar_stage_one_stops_at_the_end_of_turn(tmp_path, chat_model_dir, chat_policy, sampled):
+    model, tokenizer, eot = chat_policy
+    cfg = load_config(overrides=[f"model.name_or_path={chat_model_dir}", f"model.cache_dir={tmp_path}",
+                                 "algo.estimator=astar", "algo.vstar_n=2", "rollout.max_new_tokens=8",
+                                 "rollout.batch_prompts=2", "rollout.group_size=1", "rollout.temperature=1.0"])
+    vstar.build_cache(cfg, model, tokenizer, Task(ROWS, ROWS[:1], _always_one), path=tmp_path / "v.json")
+    assert sampled
+    for ro in sampled:
+        _assert_stopped_at_once(ro, eot)
+
+
+def test_non_finite_values_at_padded_positions_do_not_reach_the_sums():
+    """Token log-probs, entropies and A*-PO's sequence log-probs (their sums) ignore whatever
+    the model computed at padded completion positions, inf and NaN included."""
+    V, P = 4, 1
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    ro = Rollout(torch.ones(2, P, dtype=torch.long), torch.ones(2, P), torch.tensor([[1, 2, 0], [3, 0, 0]]), mask,
+                 torch.zeros(2, dtype=torch.bool), ["", ""])
+    # uniform logits where they count: log pi = -log V and entropy = log V at any temperature
+    logits = torch.zeros(2, P + 3, V)
+    logits[0, P - 1 + 2] = float("nan")
+    logits[1, P - 1 + 1] = float("inf")
+    logits[1, P - 1 + 2, 0] = float("-inf")
+
+    def model(**inputs):
+        return SimpleNamespace(logits=logits)
+
+    out = forward_completions(model, ro, temperature=0.7, entropy=True)
+    lengths = torch.tensor([2.0, 1.0])
+    seq_logprobs = out.logprobs.sum(-1)
+    torch.testing.assert_close(seq_logprobs, -lengths * math.log(V))
+    torch.testing.assert_close(out.entropy.sum(-1), lengths * math.log(V))
+    assert (out.logprobs[mask == 0] == 0).all() and (out.entropy[mask == 0] == 0).all()
+    loss = astar_loss(seq_logprobs, torch.zeros(2), torch.zeros(2), beta2=1.0, num_seqs_total=2)
+    torch.testing.assert_close(loss, (lengths * math.log(V)).square().mean())
