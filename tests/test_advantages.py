@@ -129,6 +129,18 @@ def test_zero_signal_flag(name):
 
 
 @pytest.mark.parametrize("name", list_estimators())
+def test_constant_groups_carry_exactly_zero_signal_in_float64(name):
+    # 0.1 and 0.7 are no sums of few powers of two: the float64 sum of three rounds, so r - mean
+    # comes out ~1e-17 unless the estimator zeroes constant groups as its flag promises
+    r = t(0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.0, 1.0, dtype=torch.float64)
+    est = build(name, v_star={"a": 0.3, "b": 0.3, "c": 0.3}) if name == "astar" else build(name)
+    out = est.estimate(r, ["a"] * 3 + ["b"] * 3 + ["c"] * 2, 1)
+    if est.zero_signal_for_constant_groups:
+        assert torch.equal(out.advantages[:6], torch.zeros(6, dtype=torch.float64))
+    assert out.advantages[6:].abs().min() > 0.1  # group c is not constant
+
+
+@pytest.mark.parametrize("name", list_estimators())
 def test_stateless_state_dict_and_dtype(name):
     est = build(name)
     out = est.estimate(t(1.0, 0.0, dtype=torch.float64), ["a", "a"], 1)

@@ -32,6 +32,17 @@ def test_group_estimators_need_two_completions(estimator):
     load_config(overrides=["algo.estimator=kae", "rollout.group_size=1"])
 
 
+def test_astar_samples_at_the_temperature_of_its_v_star():
+    with pytest.raises(ConfigError, match=r"rollout.temperature=1.0") as e:
+        load_config(overrides=["algo.estimator=astar", "rollout.group_size=1"])  # default temperature 0.7
+    assert "rollout.temperature=0.7" in str(e.value)
+    with pytest.raises(ConfigError, match=r"rollout.top_p=0.9 samples another distribution; set rollout.top_p=1.0"):
+        load_config(overrides=["algo.estimator=astar", "rollout.group_size=1", "rollout.temperature=1.0",
+                               "rollout.top_p=0.9"])
+    load_config(overrides=["algo.estimator=astar", "rollout.group_size=1", "rollout.temperature=1.0"])
+    load_config(overrides=["algo.estimator=rloo", "rollout.temperature=0.7"])
+
+
 def test_resume_must_continue_in_place():
     with pytest.raises(ConfigError, match="output_dir"):
         load_config(overrides=["resume=runs/a", "output_dir=runs/b"])

@@ -374,10 +374,80 @@ def test_combiner_timeout_raise_names_culprit():
     assert info.value.index == 1 and info.value.completion == "slow" and info.value.prompt == "p1"
 
 
-def test_combiner_timeout_runs_math_reward_in_thread():
+def test_combiner_timeout_runs_math_reward_in_worker():
     comb = RewardCombiner(["math"], timeout_s=30)
     total, _, stats = comb(None, ["\\boxed{\\frac{1}{2}}", "0.5", "1"], answer=["0.5"] * 3)
     assert total == [1.0, 1.0, 0.0] and stats["reward_errors"] == 0
+
+
+RUNAWAY = '''
+def runaway(prompts, completions, **columns):
+    """Never returns on a completion that says "loop"; else the completions' lengths."""
+    if any("loop" in c for c in completions):
+        while True:
+            pass
+    return [float(len(c)) for c in completions]
+
+
+def beating(prompts, completions, **columns):
+    """Never returns, adding a byte to the file BEAT on every turn."""
+    while True:
+        with open(BEAT, "a") as beat:
+            beat.write(".")
+'''
+
+
+def _runaway_file(tmp_path):
+    path = tmp_path / "runaway.py"
+    path.write_text(RUNAWAY.replace("BEAT", repr(str(tmp_path / "beat"))))
+    return path
+
+
+@pytest.mark.parametrize("on_error", ["zero", "raise"])
+def test_timeout_bounds_a_reward_that_never_returns(tmp_path, on_error):
+    """A reward loaded from a file loops forever on one sample: the call ends within the deadline
+    plus a small margin (twice the deadline under "raise", which first retries per sample), the
+    sample scores as reward.on_error says, and the next calls work."""
+    from frugalrl.config import RewardConfig
+    from frugalrl.rewards import build_reward
+
+    deadline = 0.5
+    reward = build_reward(RewardConfig(funcs=[f"{_runaway_file(tmp_path)}:runaway"], on_error=on_error,
+                                       timeout_s=deadline), default=None)
+    t0 = time.perf_counter()
+    if on_error == "zero":
+        assert reward(["p0", "p1"], ["ok", "loop"]) == [0.0, 0.0]
+        assert reward.last_stats["reward_timeouts"] == 1 and reward.last_stats["reward_errors"] == 1
+    else:
+        with pytest.raises(RewardError, match="timeout_s") as info:
+            reward(["p0", "p1"], ["ok", "loop"])
+        assert info.value.index == 1 and info.value.completion == "loop"
+    assert time.perf_counter() - t0 < (1 if on_error == "zero" else 2) * deadline + 1.0
+    for _ in range(2):
+        assert reward(["p0", "p1"], ["ok", "fine"]) == [2.0, 4.0]
+
+
+def test_a_reward_past_its_deadline_stops_running(tmp_path):
+    """A thread could only be abandoned, still spinning; the worker process is killed."""
+    comb = RewardCombiner([f"{_runaway_file(tmp_path)}:beating"], on_error="zero", timeout_s=0.3)
+    assert comb(None, ["a"])[0] == [0.0]
+    beat = tmp_path / "beat"
+    size = beat.stat().st_size
+    time.sleep(0.5)
+    assert size > 0 and beat.stat().st_size == size
+
+
+def test_timeout_worker_loads_reward_files_by_path_where_it_cannot_fork(tmp_path, monkeypatch):
+    """Without fork (macOS, Windows) the worker starts a fresh interpreter, which imports a reward
+    given as a spec itself: functions loaded from a file need not be picklable."""
+    from frugalrl.rewards import registry
+
+    monkeypatch.setattr(registry, "_START_METHOD", "spawn")
+    comb = RewardCombiner([f"{_runaway_file(tmp_path)}:runaway", "format"], on_error="zero", timeout_s=0.5)
+    total, per_func, stats = comb(None, ["loop \\boxed{1}", "x"])
+    assert per_func["runaway"] == [0.0, 0.0] and per_func["format_reward"] == [1.0, 0.0]
+    assert stats["reward_timeouts"] == 1
+    assert comb(None, ["ab"])[0] == [2.0]
 
 
 @pytest.mark.parametrize(

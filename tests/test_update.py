@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from frugalrl.config import load_config
 from frugalrl.critic import outcome_token_rewards
 from frugalrl.rollout import Rollout
+from frugalrl.trainer import build_estimator
 from frugalrl.update import Learner
 
 N = 8
@@ -62,7 +63,7 @@ CONFIGS = {
     "pg-seq-mean-token-mean": ["algo.loss_agg=seq-mean-token-mean"],
     "pg-sum-norm": ["algo.loss_agg=seq-mean-token-sum-norm"],
     "kl-entropy": ["algo.kl_coef=0.1", "algo.kl_estimator=k3", "algo.entropy_coef=0.01"],
-    "astar": ["algo.estimator=astar", "algo.astar_beta2=0.1", "algo.entropy_coef=0.001"],
+    "astar": ["algo.estimator=astar", "rollout.temperature=1", "algo.astar_beta2=0.1", "algo.entropy_coef=0.001"],
     "ppo-epochs": ["train.ppo_epochs=2", "algo.clip_low=0.05", "algo.clip_high=0.05"],
     "ppo-mini-batches": ["train.ppo_epochs=2", "train.mini_batches=2", "train.filter_threshold=0.1"],
     "gae-critic": ["algo.estimator=gae", "train.mini_batches=2", "algo.gae_lambda=0.9", "algo.value_clip=0.05"],
@@ -142,8 +143,8 @@ def test_dropping_zero_advantages_leaves_the_update_unchanged(tiny_model_dir, to
 @pytest.mark.parametrize("overrides, expected_kept", [
     ([], 5),                                                   # pg: exact zeros dropped
     (["train.filter_threshold=0.1"], 4),                       # |A| <= 0.1 dropped
-    (["algo.estimator=astar"], 8),                             # A*-PO: A = 0 still regresses to the reference
-    (["algo.estimator=astar", "train.filter_threshold=0.1"], 4),
+    (["algo.estimator=astar", "rollout.temperature=1"], 8),    # A*-PO: A = 0 still regresses to the reference
+    (["algo.estimator=astar", "rollout.temperature=1", "train.filter_threshold=0.1"], 4),
     (["algo.kl_coef=0.1"], 8),                                 # KL and entropy pull on A = 0 samples too
     (["algo.entropy_coef=0.01"], 8),
     (["algo.estimator=gae", "train.filter_threshold=0.1"], 8),  # PPO: per-token advantages, the critic learns from all
@@ -151,6 +152,19 @@ def test_dropping_zero_advantages_leaves_the_update_unchanged(tiny_model_dir, to
 def test_forward_mask_rules(overrides, expected_kept, tiny_model_dir):
     learner = make_learner(tiny_model_dir, overrides)
     assert int(learner.forward_mask(ADVANTAGES).sum()) == expected_kept
+
+
+@pytest.mark.parametrize("estimator, expected_kept", [("grpo", 2), ("dr_grpo", 2), ("rloo", 2), ("kae", 8)])
+def test_threshold_zero_drops_constant_groups_only_where_they_carry_no_signal(estimator, expected_kept,
+                                                                              tiny_model_dir):
+    # float64 partial-credit rewards whose group means round: only the last group differs
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.0, 1.0], dtype=torch.float64)
+    ids = ["a"] * 3 + ["b"] * 3 + ["c"] * 2
+    est = build_estimator(load_config(overrides=[f"algo.estimator={estimator}"]))
+    if estimator == "kae":  # history, from which its constant groups get signal
+        est.estimate(torch.tensor([0.0, 1.0]), ["a", "b"], 1)
+    advantages = est.estimate(rewards, ids, 2).advantages
+    assert int(make_learner(tiny_model_dir, []).forward_mask(advantages).sum()) == expected_kept
 
 
 def test_reference_only_when_needed(tiny_model_dir, tokenizer):
@@ -187,3 +201,65 @@ def test_critic_has_its_own_learning_rate(tiny_model_dir):
     assert [g["lr"] for g in learner.critic_optimizer.param_groups] == [0.0123]
     assert {id(p) for p in learner.critic.parameters()} == \
         {id(p) for g in learner.critic_optimizer.param_groups for p in g["params"]}
+
+
+def test_sum_norm_divides_by_the_generation_budget(tiny_model_dir, tokenizer):
+    """Dr. GRPO's seq-mean-token-sum-norm divides by rollout.max_new_tokens, a constant: one
+    completion running to the budget (sample 1, A = 0, so no gradient of its own) leaves the
+    update of every other sample as it was."""
+    budget = 12
+    overrides = ["algo.loss_agg=seq-mean-token-sum-norm", f"rollout.max_new_tokens={budget}"]
+    short = make_rollout(tokenizer)
+    pad = budget - short.completion_ids.shape[1]
+    ids = torch.cat([short.completion_ids, torch.full((N, pad), tokenizer.pad_token_id)], dim=1)
+    mask = torch.cat([short.completion_mask, torch.zeros(N, pad)], dim=1)
+    ids[1], mask[1] = torch.randint(10, 60, (budget,), generator=torch.Generator().manual_seed(1)), 1.0
+    long = Rollout(short.prompt_ids, short.prompt_mask, ids, mask, short.truncated, short.texts)
+    _, with_short = run_update(make_learner(tiny_model_dir, overrides), short)
+    _, with_long = run_update(make_learner(tiny_model_dir, overrides), long)
+    for key, value in with_short.items():
+        torch.testing.assert_close(with_long[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_schedule_advances_once_per_optimizer_step(tiny_model_dir, tokenizer):
+    """ppo_epochs=2 x mini_batches=2: four optimizer steps per rollout batch, each at the
+    learning rate of its own place in the schedule; a batch whose samples are all filtered out
+    moves the schedule by its four steps all the same."""
+    from frugalrl.trainer import lr_factor
+
+    cfg = load_config(overrides=["train.ppo_epochs=2", "train.mini_batches=2", "train.warmup_steps=8"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = []  # the lr of each optimizer step
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    learner = Learner(model, optimizer, cfg, scheduler=scheduler)
+    learner.update(make_rollout(tokenizer), REWARDS, ADVANTAGES)
+    assert seen == pytest.approx([0.5 * lr_factor(cfg, s) for s in range(4)])
+    learner.update(make_rollout(tokenizer), REWARDS, torch.zeros(N))
+    assert len(seen) == 4 and scheduler.last_epoch == 8
+
+
+def test_old_logprobs_come_from_eval_mode_and_the_first_ratio_is_one(tiny_model_dir, tokenizer, monkeypatch):
+    """With dropout in the model (attention dropout 0.5), the sampling policy's log-probs are
+    those of the model without dropout, as it sampled, and the first optimizer step, taken at
+    the weights that sampled the batch, has a PPO ratio of exactly 1."""
+    from frugalrl import losses
+    from frugalrl.rollout import forward_completions
+
+    cfg = load_config(overrides=[f"train.micro_batch={N}", "rollout.temperature=0.7", "train.ppo_epochs=2"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5).train()
+    learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.5), cfg)
+    ratios = []  # (log-probs, what the ratio divides them by), per micro-batch of each step
+    log_ratio = losses._log_ratio
+    monkeypatch.setattr(losses, "_log_ratio", lambda lp, other: ratios.append((lp.detach(), other)) or
+                        log_ratio(lp, other))
+    rollout = make_rollout(tokenizer)
+    sampler = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5).eval()
+    with torch.no_grad():
+        expected_old = forward_completions(sampler, rollout.select(ADVANTAGES != 0).trimmed(), 0.7).logprobs
+    learner.update(rollout, REWARDS, ADVANTAGES)
+    (first, first_old), (_, second_old) = ratios
+    assert torch.equal(first, first_old)
+    torch.testing.assert_close(second_old, expected_old)
+    assert model.training

@@ -1,6 +1,9 @@
 """A*-PO stage 1 (vstar.py): V* from reference samples, the cache and its staleness checks."""
 
 import json
+import os
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,13 +33,49 @@ TASK = Task(ROWS, ROWS[:2], sevens)
 
 def config(tmp_path, tiny_model_dir, *overrides):
     return load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}",
-                                  "algo.estimator=astar", "algo.vstar_n=4", "rollout.max_new_tokens=6",
+                                  "algo.estimator=astar", "rollout.temperature=1", "algo.vstar_n=4",
+                                  "rollout.max_new_tokens=6",
                                   "rollout.batch_prompts=2", "rollout.group_size=1", *overrides])
 
 
 @pytest.fixture
 def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_model_dir):
+    """A copy of the tiny model's directory, free to be changed."""
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def perturb_saved_weights(model_dir):
+    changed = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    changed.save_pretrained(model_dir)
+
+
+@pytest.fixture
+def hashed_bytes(monkeypatch):
+    """Counts the bytes vstar feeds to SHA-1 (one-element list)."""
+    count = [0]
+
+    class Counting:
+        def __init__(self, data=b""):
+            self._h = real()
+            self.update(data)
+
+        def update(self, data):
+            count[0] += len(data)
+            self._h.update(data)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    real = vstar.hashlib.sha1
+    monkeypatch.setattr(vstar, "hashlib", SimpleNamespace(sha1=Counting))
+    return count
 
 
 @pytest.fixture
@@ -61,7 +100,8 @@ def test_prepare_builds_once_then_reuses(tmp_path, tiny_model_dir, model, tokeni
     cache = json.loads(path.read_text())
     meta = cache["meta"]
     assert meta["n"] == 4 and meta["beta1"] == 0.5 and meta["temperature"] == 1.0 and meta["prompts"] == 6
-    assert meta["weights"] == vstar.weights_hash(model) and cache["model"] == str(tiny_model_dir)
+    assert meta["weights"] == vstar.weights_hash(tiny_model_dir, tmp_path / "cache") and meta["dtype"] == "float32"
+    assert cache["model"] == str(tiny_model_dir)
     for row in ROWS:
         entry = cache["prompts"][row["id"]]
         assert len(entry["rewards"]) == 4
@@ -115,13 +155,12 @@ def test_stale_cache_is_refused(change, expected, tmp_path, tiny_model_dir, mode
     assert "stale" in str(e.value) and "frugalrl vstar" in str(e.value)
 
 
-def test_cache_of_other_weights_or_prompts_is_refused(tmp_path, tiny_model_dir, model, tokenizer):
-    cfg = config(tmp_path, tiny_model_dir, f"algo.vstar_path={tmp_path / 'v.json'}")
+def test_cache_of_other_weights_or_prompts_is_refused(tmp_path, model_copy, model, tokenizer):
+    cfg = config(tmp_path, model_copy, f"algo.vstar_path={tmp_path / 'v.json'}")
     vstar.prepare(cfg, model, tokenizer, TASK)
     with pytest.raises(ValueError, match="prompt_ids"):
         vstar.prepare(cfg, model, tokenizer, Task(ROWS[:5], ROWS[:2], sevens))
-    with torch.no_grad():
-        next(model.parameters()).add_(1e-3)
+    perturb_saved_weights(model_copy)
     with pytest.raises(ValueError, match="weights: cache"):
         vstar.prepare(cfg, model, tokenizer, TASK)
     (tmp_path / "v.json").write_text("{not json")
@@ -129,10 +168,66 @@ def test_cache_of_other_weights_or_prompts_is_refused(tmp_path, tiny_model_dir, 
         vstar.prepare(cfg, model, tokenizer, TASK)
 
 
+def test_weights_are_read_once_then_known_by_their_files_stats(tmp_path, model_copy, model, tokenizer,
+                                                               hashed_bytes):
+    cfg = config(tmp_path, model_copy)
+    weights = model_copy / "model.safetensors"
+    vstar.prepare(cfg, model, tokenizer, TASK)
+    assert hashed_bytes[0] > weights.stat().st_size  # the model directory, once
+    hashed_bytes[0] = 0
+    vstar.prepare(cfg, model, tokenizer, TASK)
+    assert hashed_bytes[0] < weights.stat().st_size / 10  # the settings only, no weight
+    # a touched file is read again, and the same bytes find the same cache
+    os.utime(weights)
+    vstar.prepare(cfg, model, tokenizer, TASK)
+    assert hashed_bytes[0] > weights.stat().st_size
+    assert len(list((tmp_path / "cache").glob("vstar-*.json"))) == 1
+    # changed weights of the same size get a cache of their own
+    size = weights.stat().st_size
+    perturb_saved_weights(model_copy)
+    assert weights.stat().st_size == size
+    vstar.prepare(cfg, model, tokenizer, TASK)
+    assert len(list((tmp_path / "cache").glob("vstar-*.json"))) == 2
+
+
+def test_an_adapter_directory_is_keyed_on_its_base_model_too(tmp_path, model_copy):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_copy)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"adapter")
+    before = vstar.weights_hash(adapter, tmp_path / "cache")
+    perturb_saved_weights(model_copy)
+    assert vstar.weights_hash(adapter, tmp_path / "cache") != before
+
+
+REWARD = "def score(prompts, completions, **columns):\n    return [0.0] * len(completions)\n"
+
+
+def test_cache_of_another_reward_is_refused(tmp_path, tiny_model_dir, model, tokenizer):
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD)
+    spec, path = f"reward.funcs=[{reward}:score]", f"algo.vstar_path={tmp_path / 'v.json'}"
+    vstar.prepare(config(tmp_path, tiny_model_dir, path, spec), model, tokenizer, TASK)
+    for change, expected in [([], r"reward.funcs: cache \['.*reward.py:score'\], this run \[\]"),
+                             (["reward.funcs=[math]"], r"reward.funcs: cache \['.*'\], this run \['math'\]"),
+                             ([spec, "reward.weights=[2]"], r"reward.weights: cache \[1.0\], this run \[2.0\]")]:
+        with pytest.raises(ValueError, match=expected):
+            vstar.prepare(config(tmp_path, tiny_model_dir, path, *change), model, tokenizer, TASK)
+    vstar.prepare(config(tmp_path, tiny_model_dir, path, spec, "reward.weights=[1]"), model, tokenizer, TASK)
+    reward.write_text(REWARD.replace("0.0", "1.0"))  # the same function name, another reward
+    with pytest.raises(ValueError, match=r"reward.sources.*reward.py:score: cache '\w+', this run '\w+'"):
+        vstar.prepare(config(tmp_path, tiny_model_dir, path, spec), model, tokenizer, TASK)
+    # under the default file name, the other reward builds a cache of its own instead
+    vstar.prepare(config(tmp_path, tiny_model_dir, spec), model, tokenizer, TASK)
+    reward.write_text(REWARD)
+    vstar.prepare(config(tmp_path, tiny_model_dir, spec), model, tokenizer, TASK)
+    assert len(list((tmp_path / "cache").glob("vstar-*.json"))) == 2
+
+
 def test_cli_vstar_writes_the_cache_that_train_uses(tmp_path, tiny_model_dir, capsys):
     args = [f"model.name_or_path={tiny_model_dir}", f"model.cache_dir={tmp_path / 'cache'}", "algo.vstar_n=2",
             "rollout.max_new_tokens=4", "data.train_size=12", "data.eval_size=4", "rollout.batch_prompts=4",
-            "rollout.group_size=1", "threads=1", "algo.estimator=astar"]
+            "rollout.group_size=1", "threads=1", "algo.estimator=astar", "rollout.temperature=1"]
     assert main(["vstar", *args]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompts"] == 12 and summary["n"] == 2

@@ -18,9 +18,11 @@ Conventions (all estimators):
   standard deviation afterwards (grpo, reinforce_pp, kae with ``scale="batch"``).
 * Arithmetic is done on the CPU in float64: N is small, and the leave-one-out means below are
   computed as (group sum - own reward), which loses digits in float32.
-* ``zero_signal_for_constant_groups`` says whether a group whose rewards are all equal always
-  gets zero advantage, so that a trainer may drop it before the forward pass (DASH-style
-  filtering). It is True only where the baseline comes from the group itself.
+* ``zero_signal_for_constant_groups`` says whether a group whose rewards are all equal carries
+  no signal. It is True only where the baseline comes from the group itself; ``estimate`` then
+  gives such a group advantage exactly 0, whatever the rounding, so that the trainer's filter
+  (``train.filter_threshold`` = 0 drops exact zeros) skips its forward pass. Where it is False
+  (batch, history or V* baselines) a constant group keeps its non-zero advantage and is trained on.
 * Estimators with memory (kae) expose it through ``state_dict()`` / ``load_state_dict()`` as
   plain lists, dicts and floats, so it can go into a JSON checkpoint.
 """
@@ -122,6 +124,13 @@ class _Groups:
         others = (self.sizes - 1)[self.index]
         loo_sum = self.sum(values)[self.index] - values
         return torch.where(others > 0, loo_sum / others.clamp(min=1), 0.0)
+
+    def constant(self, values: Tensor) -> Tensor:
+        """(N,) -> (N,) bool: whether all values of each sample's group are equal."""
+        def reduce(how: str) -> Tensor:
+            return torch.zeros(len(self.keys), dtype=values.dtype).scatter_reduce(0, self.index, values, how,
+                                                                                  include_self=False)
+        return (reduce("amin") == reduce("amax"))[self.index]
 
 
 def _whiten(r: Tensor, groups: _Groups, eps: float) -> tuple[Tensor, Tensor]:
@@ -241,7 +250,12 @@ class AdvantageEstimator:
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"rewards must be a float tensor (N,) or a list of numbers: {err}") from None
         r, prompt_ids, step = _check_batch(rewards, prompt_ids, step)
-        advantages, baselines, metrics = self._estimate(r, _Groups.by_prompt(prompt_ids), step)
+        groups = _Groups.by_prompt(prompt_ids)
+        advantages, baselines, metrics = self._estimate(r, groups, step)
+        if self.zero_signal_for_constant_groups:
+            # r - mean is only ~0 where the group sum rounds (three rewards of 0.1 in float64): the
+            # trainer's filter at threshold 0 drops exact zeros, so make the promised 0 exact
+            advantages = torch.where(groups.constant(r), 0.0, advantages)
         dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
         return AdvantageOutput(advantages.to(rewards.device, dtype), baselines.to(rewards.device, dtype), metrics)
 
@@ -438,6 +452,12 @@ class KAE(AdvantageEstimator):
         """K(d(step, s)) for history entries at ``past_steps`` (M,) with bandwidths ``h`` (M,)."""
         lag = (step - past_steps).clamp(min=0)
         return self._kernel(lag / h if self.bandwidth_mode == "window" else lag / (step * h))
+
+    def lag_weight(self, lag: int, step: int) -> float:
+        """K(d): the weight at ``step`` of a reward the prompt got ``lag`` steps earlier, with
+        h = ``bandwidth`` ("window" and "relative" modes; "auto" sets h per prompt from N(x))."""
+        past = torch.tensor([float(step - lag)], dtype=torch.float64)
+        return float(self._weight(step, past, torch.tensor([self.bandwidth], dtype=torch.float64))[0])
 
     def _estimate(self, r, groups, step):
         P = len(groups.keys)

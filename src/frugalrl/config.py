@@ -54,7 +54,14 @@ class ModelConfig:
     device: str = opt("auto", "where the policy lives and trains: auto = the GPU when torch sees one (cuda), "
                       "else the CPU", choices=("auto", "cpu", "cuda"))
     cache_dir: str = opt(".cache/frugalrl", "where the embedded model and its SFT checkpoint are cached")
-    sft_steps: int = opt(700, "embedded model: supervised warm-up steps on worked solutions", min=0)
+    sft_steps: int = opt(3000, "embedded model: the most supervised warm-up steps on worked solutions (a cap: "
+                         "the warm-up stops earlier once it reaches model.sft_target_accuracy)", min=0)
+    sft_target_accuracy: float = opt(0.3, "embedded model: the warm-up stops at the first check whose greedy "
+                                     "accuracy on training problems held out of the warm-up reaches this "
+                                     "(0 = always train model.sft_steps)", min=0, max=1)
+    sft_eval_every: int = opt(50, "embedded model: check the warm-up's accuracy every N steps", min=1)
+    sft_eval_size: int = opt(256, "embedded model: training problems held out of the warm-up to check its "
+                             "accuracy (at most a tenth of the training rows)", min=1)
     sft_lr: float = opt(2e-3, "embedded model: supervised warm-up learning rate", gt=0)
     sft_batch: int = opt(64, "embedded model: supervised warm-up batch size", min=1)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass instead of keeping "
@@ -66,7 +73,8 @@ class LoraConfig:
     r: int = opt(0, "LoRA rank (0 = off: train every weight); the reference policy is then the model with "
                  "its adapter disabled, no second copy", min=0)
     alpha: float = opt(16.0, "LoRA scale: the adapter's output is multiplied by alpha / r", gt=0)
-    dropout: float = opt(0.0, "dropout on the adapter's input", min=0, lt=1)
+    dropout: float = opt(0.0, "dropout on the adapter's input, in the training passes only (sampling and the "
+                         "old and reference log-probs run without dropout)", min=0, lt=1)
     target_modules: list[str] = opt(["all-linear"], "layers that get an adapter, by name (q_proj, v_proj, ...); "
                                     "[all-linear] = every linear layer but the output head")
     save: str = opt("merged", "what model/ holds: merged = the full model with the adapter folded in; "
@@ -96,7 +104,8 @@ class DataConfig:
     eval_size: int = opt(256, "held-out problems for evaluation (never trained on)", min=1)
     seed: int = opt(-1, "seed of the train/eval split (built-in task, reasoning-gym, a data file's held-out rows); "
                     "-1 = the run's seed. Fix it to vary a run's seed without changing its data", min=-1)
-    sticky_steps: int = opt(1, "reuse each prompt mini-batch for this many consecutive steps (KAE needs >1)", min=1)
+    sticky_steps: int = opt(1, "reuse each prompt mini-batch for this many consecutive steps (KAE needs >1: "
+                            "else a prompt's past rewards rarely fall in its kernel window)", min=1)
     task: str | list[str] = opt("", "reasoning_gym: generator name (chain_sum), or a list [chain_sum, "
                                 "basic_arithmetic] to mix several")
     task_weights: list[float] = opt([], "reasoning_gym: sampling weight of each data.task (empty = equal)")
@@ -116,9 +125,11 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    batch_prompts: int = opt(64, "prompts per rollout batch (one optimizer step per batch)", min=1)
+    batch_prompts: int = opt(64, "prompts per rollout batch (train.ppo_epochs x train.mini_batches optimizer "
+                             "steps per batch, one by default)", min=1)
     group_size: int = opt(4, "completions per prompt, G", min=1)
-    temperature: float = opt(0.7, "sampling temperature (rollouts; log-probs are taken at the same temperature)", gt=0)
+    temperature: float = opt(0.7, "sampling temperature (rollouts; log-probs are taken at the same temperature); "
+                             "algo.estimator=astar needs 1.0, the temperature V* is estimated at", gt=0)
     top_p: float = opt(1.0, "nucleus sampling mass", gt=0, max=1)
     max_new_tokens: int = opt(48, "longest completion, in tokens", min=1)
     backend: str = opt("hf", "what samples the training rollouts: hf = in this process (frugalrl's fast loop "
@@ -134,7 +145,8 @@ class RolloutConfig:
 class AlgoConfig:
     estimator: str = opt("rloo", "advantage estimator (gae: PPO with a learned critic, see README)",
                          choices=("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar", "gae"))
-    loss_agg: str = opt("seq-mean-token-sum", "how token losses become one number",
+    loss_agg: str = opt("seq-mean-token-sum", "how token losses become one number (seq-mean-token-sum-norm: "
+                        "token sums / rollout.max_new_tokens, Dr. GRPO's constant)",
                         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "seq-mean-token-sum-norm"))
     clip_low: float = opt(0.2, "PPO clip: lower bound 1-clip_low on the ratio", min=0)
@@ -171,8 +183,10 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     lr: float = opt(2e-4, "AdamW learning rate (3e-4 collapses the embedded model; see README)", gt=0)
-    warmup_steps: int = opt(10, "linear learning-rate warm-up steps", min=0)
-    lr_schedule: str = opt("cosine", "learning rate after warm-up: constant, or cosine decay to 0 at max_steps",
+    warmup_steps: int = opt(10, "linear learning-rate warm-up, in optimizer steps (train.ppo_epochs x "
+                            "train.mini_batches per rollout batch)", min=0)
+    lr_schedule: str = opt("cosine", "learning rate after warm-up: constant, or cosine decay to 0 at the last "
+                           "optimizer step (max_steps x train.ppo_epochs x train.mini_batches)",
                            choices=("constant", "cosine"))
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip (0 = off)", min=0)
@@ -200,7 +214,9 @@ class RewardConfig:
     on_error: str = opt("raise", "a reward function that raises or times out: raise = stop with an error "
                         "naming the sample; zero = score it 0 and count it (reward_errors)",
                         choices=("raise", "zero"))
-    timeout_s: float = opt(0.0, "deadline per reward-function call, seconds (0 = none)", min=0)
+    timeout_s: float = opt(0.0, "deadline per reward-function call, seconds (0 = none: called in this process); "
+                           "> 0 calls the functions in a worker process, killed and restarted when a call "
+                           "runs past it", min=0)
 
 
 @dataclass
@@ -239,6 +255,10 @@ class Config:
 # Estimators whose baseline comes from the prompt's own group: with one sample per prompt
 # every advantage is 0 (rloo refuses, grpo/dr_grpo would silently train nothing).
 _GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+# How A*-PO stage 1 samples: the reference itself (the paper's setting), so V* is the value of
+# pi_ref untempered. Stage 2 must sample the same way, or r - V* compares the rewards of one
+# distribution with the value of another.
+VSTAR_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -251,6 +271,13 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} "
                           "reward.funcs; give one weight per function, or none (1 each)")
+    wrong = [k for k, v in VSTAR_SAMPLING.items() if getattr(cfg.rollout, k) != v]
+    if cfg.algo.estimator == "astar" and wrong:
+        raise ConfigError("algo.estimator=astar compares each reward with V*, the value of the reference sampled at "
+                          + " and ".join(f"{k} {v}" for k, v in VSTAR_SAMPLING.items()) + ", but "
+                          + " and ".join(f"rollout.{k}={getattr(cfg.rollout, k)}" for k in wrong)
+                          + " samples another distribution; set "
+                          + " and ".join(f"rollout.{k}={VSTAR_SAMPLING[k]}" for k in wrong))
     if cfg.resume and os.path.abspath(cfg.resume) != os.path.abspath(cfg.output_dir):
         raise ConfigError(f"resume={cfg.resume} continues that run in place, but output_dir={cfg.output_dir}; "
                           "drop output_dir (`frugalrl train --resume DIR` sets it) or make them equal")

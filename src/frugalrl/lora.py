@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from frugalrl.rollout import eval_mode
+
 __all__ = ["is_lora", "wrap", "AdapterDisabled", "merged_weights", "load_adapter_weights"]
 
 
@@ -69,13 +71,8 @@ class AdapterDisabled:
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                return self.model(*args, **kwargs)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), self.model.disable_adapter():
+            return self.model(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -54,7 +54,8 @@ class LossNorm:
       seq-mean-token-sum-norm  seq-mean-token-sum / max_len (Dr. GRPO: a constant length
                                normaliser, so long and short answers are not re-weighted)
     num_seqs: sequences in the rollout batch. num_tokens: completion tokens in it.
-    max_len: the length normaliser of seq-mean-token-sum-norm, in tokens.
+    max_len: the length normaliser of seq-mean-token-sum-norm, in tokens; for Dr. GRPO a
+    constant, the generation budget (the Learner passes ``rollout.max_new_tokens``).
     """
 
     mode: str

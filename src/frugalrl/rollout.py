@@ -122,6 +122,17 @@ def _rng_from(uniforms: torch.Tensor | None, device: torch.device):
         yield
 
 
+@contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) inside the block, back in its former mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, greedy: bool = False, backend: str = "auto",
@@ -150,16 +161,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
             temperature=temperature, top_p=top_p, greedy=greedy, uniforms=uniforms).tokens
     else:
-        was_training = model.training
-        model.eval()
         # top_k=0: HF samples from the top 50 tokens by default, a silent truncation we don't want.
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-        with _rng_from(uniforms, device):
+        with eval_mode(model), _rng_from(uniforms, device):
             out = model.generate(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=not greedy,
                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop_ids, **sampling)
-        model.train(was_training)
         completion = out[:, enc["input_ids"].shape[1]:]
     return make_rollout(tokenizer, enc, completion, stop_ids)
 

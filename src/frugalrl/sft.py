@@ -33,20 +33,21 @@ def sft_batch(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def sft(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int = 64, lr: float = 2e-3,
         warmup_steps: int = 50, seed: int = 0,
-        on_step: Callable[[int, float], None] | None = None) -> float:
-    """Train ``model`` in place on ``rows`` (which need a "solution"); returns the last loss.
+        on_step: Callable[[int, float], bool | None] | None = None) -> tuple[int, float]:
+    """Train ``model`` in place on ``rows`` (which need a "solution"); returns (steps taken, last loss).
 
     AdamW with linear warm-up then a constant rate; ``on_step(step, loss)`` is called after
-    every optimizer step (progress bars, periodic evaluation).
+    every optimizer step (progress bars, periodic evaluation) and stops training there when
+    it returns true.
     """
     if not rows or "solution" not in rows[0]:
         raise ValueError("SFT needs rows with a 'solution' column (the worked answer to imitate)")
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-    model.train()
     loss_value = float("nan")
     for step in range(1, steps + 1):
+        model.train()  # on_step may have evaluated in eval mode
         batch = sft_batch(tokenizer, rng.sample(rows, min(batch_size, len(rows))))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["input_ids"].roll(-1, dims=1)
@@ -58,6 +59,6 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int = 64,
         opt.step()
         sched.step()
         loss_value = loss.item()
-        if on_step is not None:
-            on_step(step, loss_value)
-    return loss_value
+        if on_step is not None and on_step(step, loss_value):
+            return step, loss_value
+    return steps, loss_value

@@ -12,7 +12,8 @@ A*-PO computes V* (``vstar.py``, stage 1, cached). One step:
 5. drop samples whose advantage is zero (or |A| <= train.filter_threshold) before their
    forward pass, back-propagate the rest in micro-batches of ``train.micro_batch`` with one
    loss normaliser for the whole rollout batch, and take one AdamW step (or
-   ``train.ppo_epochs`` x ``train.mini_batches`` off-policy steps with the PPO clip).
+   ``train.ppo_epochs`` x ``train.mini_batches`` off-policy steps with the PPO clip); the
+   learning-rate schedule advances once per optimizer step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -37,12 +37,12 @@ from frugalrl.config import Config, save_config
 from frugalrl.data import PromptSampler, Task, load_task
 from frugalrl.evaluation import evaluate, score
 from frugalrl.models import (check_prompt_lengths, cpu_threads, load_policy, policy_device, prepare_for_training,
-                             resolve_model_path)
+                             resolve_model_path, sft_info)
 from frugalrl.plots import plot_run
 from frugalrl.prompts import format_task
 from frugalrl.rewards import build_reward
 from frugalrl.rollout import Rollout, generate
-from frugalrl.update import Learner
+from frugalrl.update import Learner, optimizer_steps
 from frugalrl.vllm_rollout import VLLMRollout
 
 
@@ -53,13 +53,14 @@ def set_seed(seed: int) -> None:
 
 
 def lr_factor(cfg: Config, step: int) -> float:
-    """Multiplier of ``train.lr`` after ``step`` optimizer steps: linear warm-up, then constant
-    or a cosine decay that reaches 0 at ``max_steps``."""
+    """Multiplier of ``train.lr`` after ``step`` optimizer steps (``optimizer_steps(cfg)`` per
+    rollout batch): linear warm-up over ``train.warmup_steps``, then constant or a cosine decay
+    that reaches 0 at the run's last optimizer step, ``max_steps`` x ``optimizer_steps(cfg)``."""
     warmup = max(1, cfg.train.warmup_steps)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.train.lr_schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps * optimizer_steps(cfg) - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
 
@@ -81,6 +82,35 @@ def build_estimator(cfg: Config, v_star: dict[str, float] | None = None):
         "astar": dict(v_star=v_star),
     }.get(a.estimator, {})
     return get_estimator(a.estimator, **options)
+
+
+def kae_history_warning(cfg: Config, num_prompts: int) -> str | None:
+    """Why KAE's baselines would never draw on a prompt's past rewards under this prompt
+    schedule (KAE then behaves like rloo), or None when they can; ``num_prompts``: training prompts.
+
+    A prompt comes back on the next step while its batch is sticky (``data.sticky_steps`` > 1),
+    else after a pass over the prompts; its past counts only if that happens within the run and
+    within the kernel's reach. "auto" bandwidths are set per prompt and not checked here.
+    """
+    a, sticky = cfg.algo, cfg.data.sticky_steps
+    if a.estimator != "kae":
+        return None
+    lag = 1 if sticky > 1 else num_prompts // cfg.rollout.batch_prompts
+    reuse = "set data.sticky_steps > 1 (e.g. 4) to reuse each prompt batch on the next steps"
+    if cfg.max_steps <= lag:
+        why = (f"a prompt comes back only after a pass over the {num_prompts} training prompts, {lag} steps "
+               f"of rollout.batch_prompts={cfg.rollout.batch_prompts}, and the run ends first "
+               f"(max_steps={cfg.max_steps})")
+        fix = reuse
+    elif a.kae_bandwidth_mode != "auto" and build_estimator(cfg).lag_weight(lag, cfg.max_steps) == 0:
+        when = "on the next step" if lag == 1 else f"every {lag} steps"
+        why = (f"a prompt comes back {when}, beyond the kernel's reach (algo.kae_bandwidth={a.kae_bandwidth:g}, "
+               f"algo.kae_bandwidth_mode={a.kae_bandwidth_mode})")
+        fix = "widen algo.kae_bandwidth or set algo.kae_bandwidth_mode=relative"
+        fix = fix if sticky > 1 else f"{reuse}, or {fix}"
+    else:
+        return None
+    return f"algo.estimator=kae: {why}, so its past rewards get no weight and KAE behaves like rloo; {fix}"
 
 
 def load_inputs(cfg: Config, console: Console, task: Task | None = None):
@@ -131,6 +161,10 @@ def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict],
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("prompts: train / eval", prompts)
+    if steps and "sft_steps" in steps[0]:
+        check = steps[0]["sft_check_accuracy"]
+        table.add_row("SFT warm-up: steps, accuracy on its check problems",
+                      f"{steps[0]['sft_steps']}, {'-' if check is None else f'{check:.3f}'}")
     table.add_row("steps", str(len(steps)))
     table.add_row("samples", str(steps[-1]["samples"] if steps else 0))
     table.add_row("training wall time", f"{steps[-1]['wall_s']:.0f} s" if steps else "-")
@@ -138,6 +172,9 @@ def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict],
         first = np.mean([r["reward_mean"] for r in steps[:k]])
         last = np.mean([r["reward_mean"] for r in steps[-k:]])
         table.add_row(f"sampled reward, first -> last {k} steps", f"{first:.3f} -> {last:.3f}")
+    history = [r["kae_history_weight_mean"] for r in steps if "kae_history_weight_mean" in r]
+    if history:  # 0 throughout: no baseline drew on a prompt's past, and KAE behaved like rloo
+        table.add_row("KAE history weight (kae_history_weight_mean), mean over steps", f"{np.mean(history):.3f}")
     if evals:
         table.add_row("held-out greedy accuracy", f"{evals[0]['eval_accuracy']:.3f} -> {evals[-1]['eval_accuracy']:.3f}")
         for key in evals[-1]:
@@ -180,6 +217,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     set_seed(cfg.seed)
     task, model, tokenizer, dropped = dist.main_first(lambda: load_inputs(cfg, console, task))
     prompt_counts = f"{len(task.train_rows)} / {len(task.eval_rows)}"
+    warmup = sft_info(resolve_model_path(cfg)) or {}  # the embedded model's warm-up, for the record
     if cfg.data.max_prompt_tokens:
         prompt_counts += f" ({dropped['train']} / {dropped['eval']} dropped: > {cfg.data.max_prompt_tokens} tokens)"
     v_star = None
@@ -194,10 +232,13 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     vllm_engine = VLLMRollout.create(resolve_model_path(cfg), tokenizer, cfg) if cfg.rollout.backend == "vllm" else None
     estimator = build_estimator(cfg, v_star)
     sampler = PromptSampler(task.train_rows, cfg.rollout.batch_prompts, cfg.data.sticky_steps, cfg.seed)
+    no_history = kae_history_warning(cfg, len(task.train_rows))
+    if no_history:
+        console.print(f"warning: {no_history}", style="bold yellow", markup=False, highlight=False)
     trainable = [p for p in model.parameters() if p.requires_grad]  # under LoRA, the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    learner = Learner(model, optimizer, cfg, dist)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    learner = Learner(model, optimizer, cfg, dist, scheduler)
     run = recovery.Resumable(model, tokenizer, optimizer, scheduler, learner, estimator, sampler, task.train_rows)
     wall, samples, start = 0.0, 0, 0
     if resume_from:
@@ -244,12 +285,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             rewards = score(task.reward_fn, rows, rollout.texts, G)
             all_rewards = dist.gather(rewards)  # the estimator sees the global batch
             est = estimator.estimate(all_rewards, [r["id"] for r in batch for _ in range(G)], step)
-            update = learner.update(rollout, rewards, est.advantages[mine])
-            with warnings.catch_warnings():
-                # a step whose samples were all filtered out makes no optimizer step, and the
-                # schedule advances by steps all the same: torch's warning about it is noise
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
-                scheduler.step()
+            update = learner.update(rollout, rewards, est.advantages[mine])  # steps the lr schedule too
             dist.sync_rng()
             # the slowest rank's time, so that every rank agrees on max_wall_s
             dt = dist.max([time.perf_counter() - t0])[0]
@@ -266,6 +302,8 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             if step == 1:  # the data this run trains on, once
                 row.update(train_prompts=len(task.train_rows), eval_prompts=len(task.eval_rows),
                            prompts_dropped=dropped["train"] + dropped["eval"])
+                if warmup:
+                    row.update(sft_steps=warmup["sft_steps"], sft_check_accuracy=warmup.get("check_accuracy"))
             metrics.log(row)
             if on_step is not None:
                 on_step(step, model, rows, rollout, rewards)

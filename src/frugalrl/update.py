@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -34,7 +35,12 @@ from frugalrl.config import Config
 from frugalrl.critic import ValueHead, outcome_token_rewards
 from frugalrl.distributed import Dist
 from frugalrl.losses import LossNorm, aggregate, astar_loss, gae, kl_penalty, policy_loss, value_loss
-from frugalrl.rollout import Rollout, forward_completions
+from frugalrl.rollout import Rollout, eval_mode, forward_completions
+
+
+def optimizer_steps(cfg: Config) -> int:
+    """Optimizer steps per rollout batch: ``train.ppo_epochs`` x ``train.mini_batches``."""
+    return cfg.train.ppo_epochs * cfg.train.mini_batches
 
 
 def reference_policy(model):
@@ -87,11 +93,18 @@ class Learner:
     Holds what the steps need besides the policy and its optimizer: the frozen reference
     (built only when the KL penalty or A*-PO needs it) and the critic with its optimizer
     (only under ``algo.estimator=gae``).
+
+    ``scheduler``, when given, is the policy's learning-rate schedule; it advances once per
+    optimizer step of the update, ``optimizer_steps(cfg)`` per rollout batch, including the
+    steps skipped because every sample of their mini-batch was filtered out or the gradient was
+    not finite: the schedule's place is then a function of the rollout batches done, the same on
+    every rank and after a resume, and the cosine decay ends with the run.
     """
 
-    def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: Config, dist: Dist | None = None):
+    def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: Config, dist: Dist | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):
         a, t = cfg.algo, cfg.train
-        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.dist = dist or Dist()
         self.astar = a.estimator == "astar"
         self.reference = reference_policy(model) if a.kl_coef > 0 or self.astar else None
@@ -99,7 +112,7 @@ class Learner:
         self.critic = ValueHead(model.config.hidden_size).to(device) if a.estimator == "gae" else None
         self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr)
                                  if self.critic is not None else None)
-        self.off_policy = t.ppo_epochs * t.mini_batches > 1
+        self.off_policy = optimizer_steps(cfg) > 1
         # what ``_loss`` reports, fixed up front: ranks sum them even when one had no sample
         self.metric_names = ["loss", *(["pg_clipfrac", "ppo_kl"] if self.off_policy and not self.astar else []),
                              *(["kl_ref"] if a.kl_coef > 0 else []), *(["entropy"] if a.entropy_coef > 0 else []),
@@ -123,7 +136,9 @@ class Learner:
         A sample with |A| <= ``train.filter_threshold`` is dropped before its forward pass (the
         DASH reference code drops it after, saving only the backward). Under the policy-gradient
         loss a sample with A = 0 has exactly zero gradient, so threshold 0 leaves the update
-        unchanged. The A*-PO regression, the KL penalty and the entropy bonus still pull on such
+        unchanged; it drops the groups of equal rewards under the estimators whose
+        ``zero_signal_for_constant_groups`` makes their advantage exactly 0, and keeps them under
+        the others, where they carry signal. The A*-PO regression, the KL penalty and the entropy bonus still pull on such
         a sample, so with them threshold 0 keeps every sample and only a threshold > 0 filters
         (an approximation, as in DASH). Under PPO the advantages are per token and come from the
         critic after this choice, and the critic learns from every sample: nothing is dropped.
@@ -155,6 +170,7 @@ class Learner:
                  "tokens_trained": int(trained),  # per pass over the batch
                  "tokens_skipped": int(skipped)}
         if not kept:
+            self._advance_schedule(optimizer_steps(self.cfg))
             return {**stats, "loss": 0.0, "grad_norm": 0.0, "bad_step": 0.0}
         # Every epoch's order over the global batch, drawn before any forward pass so that all
         # ranks draw it alike. CleanRL's order: a fresh shuffle per epoch, so mini-batches differ
@@ -166,9 +182,14 @@ class Learner:
         offset = dist.rank * n
         steps = []
         for order in orders:
-            for part in order.to(device).chunk(t.mini_batches):
+            # tensor_split, not chunk: exactly mini_batches steps, which chunk does not promise
+            for part in order.to(device).tensor_split(t.mini_batches):
                 mine = part[(part >= offset) & (part < offset + n)] - offset  # this rank's samples of it
-                steps.append(self._step(rollout, const, mine, keep))
+                # The first step runs at the weights that sampled the batch, so its ratio pi / pi_old
+                # is 1: built from the step's own log-probs (as on-policy), it is exactly 1, where a
+                # second forward pass would differ by dropout in the training pass and by round-off.
+                steps.append(self._step(rollout, const if steps else replace(const, old_logprobs=None), mine, keep))
+                self._advance_schedule(1)
         totals: dict[str, float] = defaultdict(float)
         for step in steps:
             for key, value in step.items():
@@ -177,7 +198,9 @@ class Learner:
 
     @torch.no_grad()
     def _constants(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, keep: Tensor) -> _Constants:
-        """One no-grad pass over the kept samples for what the update holds fixed."""
+        """One no-grad pass over the kept samples for what the update holds fixed, every model in
+        eval mode: the sampling policy's log-probs are those of the model as it sampled, without
+        dropout, and so are the reference's and the critic's inputs."""
         cfg, mask = self.cfg, rollout.completion_mask
         const = _Constants(advantages)
         need_old = self.off_policy and not self.astar  # A*-PO's loss has no ratio to the sampler
@@ -191,11 +214,13 @@ class Learner:
             part = rollout.select(index).trimmed()
             width = part.completion_mask.shape[1]
             if need_old or self.critic is not None:
-                out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=self.critic is not None)
+                with eval_mode(self.model):
+                    out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=self.critic is not None)
                 if need_old:
                     const.old_logprobs[index, :width] = out.logprobs
                 if self.critic is not None:
-                    const.old_values[index, :width] = self.critic(out.hidden) * part.completion_mask
+                    const.old_values[index, :width] = torch.where(part.completion_mask.bool(),
+                                                                  self.critic(out.hidden), 0.0)
             if self.reference is not None:
                 const.ref_logprobs[index, :width] = forward_completions(
                     self.reference, part, cfg.rollout.temperature).logprobs
@@ -210,7 +235,9 @@ class Learner:
         cfg, dist = self.cfg, self.dist
         local = LossNorm.from_mask(rollout.completion_mask[index], cfg.algo.loss_agg)
         num_seqs, num_tokens = dist.sum([local.num_seqs, local.num_tokens])
-        norm = LossNorm(local.mode, int(num_seqs), int(num_tokens), int(dist.max([local.max_len])[0]))
+        # Dr. GRPO's length normaliser is the generation budget, a constant: the batch's longest
+        # completion would let one long answer shrink every other sample's gradient
+        norm = LossNorm(local.mode, int(num_seqs), int(num_tokens), cfg.rollout.max_new_tokens)
         index = index[keep[index]]
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
@@ -250,6 +277,16 @@ class Learner:
         else:
             optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _advance_schedule(self, steps: int) -> None:
+        """Move the learning-rate schedule on by ``steps`` optimizer steps, taken or skipped."""
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():
+            # a skipped step calls no optimizer.step(): torch's warning about that order is noise
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+            for _ in range(steps):
+                self.scheduler.step()
 
     def _loss(self, out, mask: Tensor, const: _Constants, norm: LossNorm) -> tuple[Tensor, dict[str, float]]:
         """This micro-batch's contribution to the step's loss, and its metrics (contributions too).

@@ -25,6 +25,7 @@ BENCHES = {
     "rollout": "generation tokens/s: frugalrl's sampler vs Hugging Face generate vs the machine's FLOP/s",
     "train": "every preset from one SFT checkpoint, several seeds, equal samples: accuracy, time to target, memory",
     "peer": "frugalrl's GRPO vs TRL's GRPOTrainer, same model, task, G and budget: s/step, peak RSS, accuracy",
+    "warmup": "the embedded model's SFT warm-up for several seeds and pool sizes: steps, accuracy reached, time",
 }
 PREFIX = "bench."
 

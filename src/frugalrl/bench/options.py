@@ -63,5 +63,13 @@ class PeerOptions:
     results_dir: str = opt("bench/results", "where peer.md, peer.png and summary.json are written")
 
 
+@dataclass
+class WarmupOptions:
+    seeds: list[int] = opt([0, 1, 2, 3, 4], "seeds of the embedded model's warm-up (its initial weights, its data "
+                           "split and its batches)")
+    pools: list[int] = opt([20000, 2048], "training pool sizes (data.train_size), each warmed up for every seed")
+    results_dir: str = opt("bench/results", "where warmup.md, warmup.png and summary.json are written")
+
+
 OPTIONS = {"value": ValueOptions, "grad": GradOptions, "rollout": RolloutOptions, "train": TrainOptions,
-           "peer": PeerOptions}
+           "peer": PeerOptions, "warmup": WarmupOptions}

@@ -24,14 +24,14 @@ import importlib
 import importlib.util
 import logging
 import math
+import multiprocessing
 import numbers
 import os
+import signal
 import sys
-import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from frugalrl.tasks.arithmetic import arithmetic_reward
@@ -43,6 +43,7 @@ __all__ = [
     "RewardCombiner",
     "check_reward_values",
     "reward_fn_name",
+    "reward_source_file",
     "load_reward_fn",
     "register_reward_fn",
     "list_reward_fns",
@@ -164,8 +165,32 @@ def _looks_like_path(target: str) -> bool:
     return target.endswith(".py") or "/" in target or os.sep in target
 
 
+def _file_path(target: str) -> str:
+    """The absolute path a path spec's file part names (relative to the current directory)."""
+    return os.path.abspath(os.path.expanduser(target))
+
+
+def reward_source_file(spec: str) -> str | None:
+    """The file that defines the reward function of ``spec`` (see ``load_reward_fn``): the
+    file of a path spec, the source file of a module spec's module; None for a built-in name,
+    or where there is no such file (``load_reward_fn`` says what is wrong with such a spec).
+    The spec is not loaded (a module spec's parent packages are imported to find the module)."""
+    target, colon, _ = spec.strip().rpartition(":")
+    if not colon or spec.strip() in _BUILTINS:
+        return None
+    if _looks_like_path(target):
+        path = _file_path(target)
+    else:
+        try:
+            found = importlib.util.find_spec(target)
+        except (ImportError, ValueError):
+            return None
+        path = found.origin if found is not None else None
+    return path if path and os.path.isfile(path) else None
+
+
 def _load_file(spec: str, target: str):
-    path = os.path.abspath(os.path.expanduser(target))
+    path = _file_path(target)
     if not os.path.isfile(path):
         raise ValueError(f"reward function spec {spec!r}: file {path} does not exist")
     digest = hashlib.sha1(path.encode()).hexdigest()[:12]
@@ -195,28 +220,105 @@ class _Timeout(Exception):
     pass
 
 
-def _call_with_deadline(fn: Callable[[], Any], timeout_s: float) -> Any:
-    """Run ``fn`` in a daemon worker thread and wait at most ``timeout_s`` for it.
+# fork: the worker inherits the functions as loaded, whatever they are (closures, functions from
+# a file). Where fork is missing or unsafe (macOS, Windows) the worker is a fresh interpreter
+# that loads each function from its spec, or unpickles it (a callable must then be picklable).
+_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+# seconds for a worker to load its functions: past it the worker is taken to be stuck
+_START_TIMEOUT_S = 120.0
 
-    A daemon thread (rather than a ThreadPoolExecutor, whose workers are joined at exit) so
-    that a reward function that never returns cannot keep the process alive; Python cannot
-    kill a thread, so such a call keeps running in the background until it ends.
-    """
-    fut: Future = Future()
 
-    def work() -> None:
-        if not fut.set_running_or_notify_cancel():
+def _serve(conn, trainer_end, funcs: dict[str, RewardFn | str]) -> None:
+    """The worker process: loads ``funcs`` (name -> spec or callable), says ``("ready", None)``,
+    then answers each ``(name, prompts, completions, columns)`` on ``conn`` with
+    ``("ok", rewards)`` or ``("error", exception)`` until the trainer's end closes."""
+    # Ctrl-C is for the trainer, which finishes its step; a forked copy of its SIGTERM handler
+    # would keep the worker alive when told to end
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    trainer_end.close()  # a copy held here would keep the pipe open after the trainer is gone
+    try:
+        funcs = {name: load_reward_fn(f) for name, f in funcs.items()}
+        conn.send(("ready", None))
+    except Exception as exc:
+        conn.send(("error", exc))
+        return
+    while True:
+        try:
+            name, prompts, completions, columns = conn.recv()
+        except EOFError:
             return
         try:
-            fut.set_result(fn())
-        except BaseException as exc:  # delivered to the caller
-            fut.set_exception(exc)
+            reply = ("ok", funcs[name](prompts, completions, **columns))
+        except Exception as exc:
+            reply = ("error", exc)
+        try:
+            conn.send(reply)
+        except Exception as exc:  # a value or an exception that does not pickle
+            conn.send(("error", TypeError(f"the reward worker could not send back {_preview(reply[1])}: "
+                                          f"{_short(exc)}")))
 
-    threading.Thread(target=work, name="frugalrl-reward", daemon=True).start()
-    try:
-        return fut.result(timeout=timeout_s)
-    except FutureTimeout:
-        raise _Timeout(f"exceeded timeout_s={timeout_s:g}") from None
+
+def _stop_worker(process, conn) -> None:
+    process.kill()
+    process.join()
+    conn.close()
+
+
+class _Worker:
+    """Reward functions called in a child process, so that a call past its deadline can be
+    stopped: Python cannot kill a thread (one stuck in sympy, or in ``while True``), but it can
+    kill a process. The process starts at once, while this process is small (a forked child
+    shares the memory of its parent, and a CPU-trained model's pages would be copied as the
+    parent writes them), and again after each kill, at the next call."""
+
+    def __init__(self, funcs: dict[str, RewardFn | str]):
+        self.funcs = funcs
+        self._start()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context(_START_METHOD)
+        conn, child_end = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child_end, conn, self.funcs), name="frugalrl-reward",
+                              daemon=True)
+        process.start()
+        child_end.close()
+        self._process, self._conn, self._ready = process, conn, False
+        self._stop = weakref.finalize(self, _stop_worker, process, conn)
+
+    def close(self) -> None:
+        """Kill the worker process (the next call starts another)."""
+        self._stop()
+        self._process = None
+
+    def call(self, name: str, prompts: list, completions: list, columns: dict, timeout_s: float) -> Any:
+        """What the function ``name`` returns for these arguments, within ``timeout_s`` seconds;
+        else ``_Timeout``, and the worker is killed. An exception it raises is raised here."""
+        if self._process is None or not self._process.is_alive():
+            self.close()
+            self._start()
+        if not self._ready:
+            self._receive(_START_TIMEOUT_S, f"did not load its reward functions within {_START_TIMEOUT_S:g} s")
+            self._ready = True
+        self._conn.send((name, prompts, completions, columns))
+        return self._receive(timeout_s, f"exceeded timeout_s={timeout_s:g}")
+
+    def _receive(self, timeout_s: float, late: str) -> Any:
+        """The worker's next reply within ``timeout_s`` seconds, else ``_Timeout(late)``."""
+        try:
+            arrived = self._conn.poll(timeout_s)
+            status, value = self._conn.recv() if arrived else (None, None)
+        except (EOFError, OSError):  # the function ended the process (os._exit, a crash, the OOM killer)
+            self._process.join(1.0)
+            code = self._process.exitcode
+            self.close()
+            raise RuntimeError(f"the reward worker process ended (exit code {code})") from None
+        if not arrived:
+            self.close()
+            raise _Timeout(late)
+        if status == "error":
+            raise value
+        return value
 
 
 def reward_fn_name(fn: Any) -> str:
@@ -239,8 +341,13 @@ class RewardCombiner:
     * ``on_error``: what happens when a function raises or exceeds ``timeout_s``:
       ``"raise"`` raises ``RewardError`` carrying the prompt and completion that caused it;
       ``"zero"`` scores 0 instead and counts the failure in ``stats["reward_errors"]``.
-    * ``timeout_s``: > 0 runs each call in a worker thread with that deadline (seconds);
-      0 calls the function directly, with no deadline.
+    * ``timeout_s``: > 0 calls the functions in a worker process with that deadline per call
+      (seconds), killing it when a call runs past (a thread could not be stopped) and starting
+      another for the next call; the functions' signature and results are unchanged, but
+      whatever state they change stays in the worker. On Linux the worker is forked, so any
+      callable works; elsewhere it is a fresh interpreter that loads each function from its spec
+      (a callable given directly must then be picklable). 0 calls the function directly, in
+      this process, with no deadline.
 
     ``combiner(prompts, completions, **columns)`` returns ``(total, per_func, stats)``:
     ``total[i] = Σ_f w_f · r_f[i]``; ``per_func[name]`` is function ``f``'s list of rewards
@@ -275,20 +382,20 @@ class RewardCombiner:
         timeout_s: float = 0.0,
     ) -> None:
         if isinstance(funcs, Mapping):
-            items = [(str(k), load_reward_fn(v)) for k, v in funcs.items()]
+            items = [(str(k), load_reward_fn(v), v) for k, v in funcs.items()]
         else:
             if isinstance(funcs, (str, bytes)) or callable(funcs):
                 funcs = [funcs]  # type: ignore[list-item]
             items = []
             for f in funcs:
                 fn = load_reward_fn(f)
-                items.append((reward_fn_name(fn), fn))
+                items.append((reward_fn_name(fn), fn, f))
         if not items:
             raise ValueError("RewardCombiner needs at least one reward function")
         seen: dict[str, int] = {}
         self.names: list[str] = []
         self.funcs: list[RewardFn] = []
-        for name, fn in items:
+        for name, fn, _ in items:
             seen[name] = seen.get(name, 0) + 1
             self.names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
             self.funcs.append(fn)
@@ -316,6 +423,9 @@ class RewardCombiner:
             raise ValueError(f"RewardCombiner: timeout_s must be a number, got {timeout_s!r}") from exc
         if not math.isfinite(self.timeout_s) or self.timeout_s < 0:
             raise ValueError(f"RewardCombiner: timeout_s must be >= 0 (0 = no deadline), got {timeout_s!r}")
+        # a worker that cannot fork loads each function itself: from its spec where there is one
+        sources = [fn if _START_METHOD == "fork" else source for _, fn, source in items]
+        self._worker = _Worker(dict(zip(self.names, sources))) if self.timeout_s > 0 else None
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}×{w:g}" for n, w in zip(self.names, self.weights))
@@ -355,11 +465,10 @@ class RewardCombiner:
         stats["reward/total/mean"] = sum(total) / n if n else math.nan
         return total, per_func, stats
 
-    def _invoke(self, fn: RewardFn, prompts: list, completions: list, columns: dict) -> Any:
-        call = lambda: fn(prompts, completions, **columns)  # noqa: E731
-        if self.timeout_s > 0:
-            return _call_with_deadline(call, self.timeout_s)
-        return call()
+    def _invoke(self, name: str, fn: RewardFn, prompts: list, completions: list, columns: dict) -> Any:
+        if self._worker is not None:
+            return self._worker.call(name, prompts, completions, columns, self.timeout_s)
+        return fn(prompts, completions, **columns)
 
     def _run_one(
         self, name: str, fn: RewardFn, prompts: list, completions: list, columns: dict
@@ -367,7 +476,7 @@ class RewardCombiner:
         """Rewards of one function (None kept), number of errors, number of timeouts."""
         n = len(completions)
         try:
-            out = self._invoke(fn, prompts, completions, columns)
+            out = self._invoke(name, fn, prompts, completions, columns)
         except _Timeout as exc:
             if self.on_error == "zero":
                 logger.warning("reward function %r %s on a batch of %d; scoring the batch 0", name, exc, n)
@@ -386,7 +495,7 @@ class RewardCombiner:
         for i in range(n):
             cols = {k: (v[i : i + 1] if _is_per_sample(v, n) else v) for k, v in columns.items()}
             try:
-                out = self._invoke(fn, prompts[i : i + 1], completions[i : i + 1], cols)
+                out = self._invoke(name, fn, prompts[i : i + 1], completions[i : i + 1], cols)
             except (_Timeout, Exception) as exc:
                 if self.on_error == "raise":
                     raise self._error(name, i, prompts, completions, exc) from exc
