@@ -2,7 +2,7 @@
 
 The checkpoint is the one ``frugalrl train`` builds with no model named (default SFT settings,
 about 3 minutes on 2 cores), built once for the session. Each preset then runs as written
-except for sizes: 64 completions per step, 30 steps, on a fixed pool of 64 training problems so
+except for sizes: 64 completions per step, 30 steps (A*-PO 60), on a fixed pool of 64 training problems so
 that 30 steps are enough to see the mean reward rise above the sampling noise (new problems
 every step would need hundreds of steps, as the bench train runs show)."""
 
@@ -18,6 +18,10 @@ from frugalrl.trainer import build_estimator, train
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar", "dash", "ppo")
 STEPS, COMPLETIONS = 30, 64
+# A*-PO samples at temperature 1 (the distribution V* is the value of), where the reward rises
+# more slowly than at the other presets' 0.7: in CI one run gained only +0.06 in 30 steps; 60
+# steps gained +0.26 to +0.37 over 4 seeds here (about 20 s)
+LONGER = {"astar": 60}
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +38,17 @@ def test_every_algorithm_has_a_preset():
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_trains_from_the_sft_checkpoint(name, tmp_path, sft_checkpoint):
     G = load_config(CONFIGS / f"{name}.yaml").rollout.group_size
+    steps = LONGER.get(name, STEPS)
     # sizes only: estimator, G, learning rate, schedule, updates, filtering stay the preset's
     cfg = load_config(CONFIGS / f"{name}.yaml", [
         f"model.name_or_path={sft_checkpoint}", f"model.cache_dir={tmp_path / 'cache'}",
-        f"output_dir={tmp_path / 'run'}", f"max_steps={STEPS}", "eval_every=0", "save_every=0",
+        f"output_dir={tmp_path / 'run'}", f"max_steps={steps}", "eval_every=0", "save_every=0",
         f"rollout.batch_prompts={COMPLETIONS // G}", "data.train_size=64", "algo.vstar_prompts=0",
         "threads=2"])  # both cores for these minutes-long runs; train() gives the suite back its one
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
-    assert len(rewards) == STEPS
+    assert len(rewards) == steps
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert first > 0.15, (name, first)  # the warmed-up model, not a random one (which scores 0)
     assert last > first + 0.1, (name, first, last)
