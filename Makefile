@@ -13,7 +13,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,lora,gym,bench]"
+	$(BIN)/pip install -q -e ".[test,lora,gym,bench,tensorboard,wandb,mlflow,trackio]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -90,10 +90,11 @@ def _run_until_hang(tmp_path, mode: str, args: list[str]) -> subprocess.Popen:
     with open(tmp_path / "driver.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(driver), mode, *args], stdout=subprocess.PIPE, stderr=log,
                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.stdout.readline().strip() != "HANG":
-        proc.wait()
-        pytest.fail("the driver ended before hanging:\n" + (tmp_path / "driver.log").read_text()[-3000:])
-    return proc
+    for line in proc.stdout:  # the run's progress lines come first: its stdout is not a terminal
+        if line.strip() == "HANG":
+            return proc
+    proc.wait()
+    pytest.fail("the driver ended before hanging:\n" + (tmp_path / "driver.log").read_text()[-3000:])
 
 
 def _kill(proc: subprocess.Popen) -> None:

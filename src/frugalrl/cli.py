@@ -1,5 +1,5 @@
-"""Command line: ``frugalrl train|sft|eval|demo|vstar [--config FILE] [key=value ...]`` and
-``frugalrl bench NAME [--config FILE] [key=value ...]``."""
+"""Command line: ``frugalrl train|sft|eval|demo|vstar [--config FILE] [key=value ...]``,
+``frugalrl bench NAME [--config FILE] [key=value ...]`` and ``frugalrl compare RUN_DIR ...``."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ COMMANDS = {
     "vstar": "A*-PO stage 1: V* of every training prompt from algo.vstar_n samples of the starting model, "
              "cached for `train algo.estimator=astar`",
     "bench": "measurements written to bench/results/: value (baseline MSE per estimator), grad "
-             "(policy-gradient MSE per estimator), rollout "
-             "(generation throughput), train (every preset at equal samples) or peer (frugalrl vs TRL's "
-             "GRPOTrainer: step time, memory, accuracy)",
+             "(policy-gradient MSE per estimator), rollout (generation throughput), train (every preset at "
+             "equal samples), peer (frugalrl vs TRL's GRPOTrainer: step time, memory, accuracy), warmup (the "
+             "embedded model's SFT over seeds and pools) or scale (peak memory per process, ddp vs fsdp)",
+    "compare": "several runs side by side: held-out accuracy and sampled reward on shared axes (a PNG) and a "
+               "table of final and best accuracy, the cost of reaching an accuracy and the filter's savings",
 }
 
 
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
+        if name == "compare":
+            _compare_parser(sub.add_parser(name, help=help_text, description=help_text))
+            continue
         epilog = format_help() if name != "bench" else bench.options_help() + "\nrun config:\n" + format_help()
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete "
                            "checkpoint; its config.yaml is the base config, key=value pairs change it")
     return parser
+
+
+def _compare_parser(p: argparse.ArgumentParser) -> None:
+    from frugalrl.compare import X_AXES
+
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (output_dir of frugalrl train), "
+                   "finished or still running")
+    p.add_argument("--x", choices=list(X_AXES), default="step", help="x axis: training step, completions "
+                   "sampled, or training wall-clock seconds (default: step)")
+    p.add_argument("--out", metavar="FILE.png", default="compare.png", help="where the plot goes (default: "
+                   "compare.png)")
+    p.add_argument("--target", type=float, metavar="ACC", help="held-out accuracy whose cost (completions, wall "
+                   "time) the table gives (default: the best accuracy that every run reached)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def _resume_dir(args) -> str | None:
@@ -81,6 +100,12 @@ def _one_line(error: BaseException) -> str:
 def _run(args, console: Console) -> int:
     if args.command == "bench":
         print(json.dumps(bench.run(args.bench, args.config, args.overrides, console)))
+        return 0
+    if args.command == "compare":
+        from frugalrl.compare import compare
+
+        print(compare(args.runs, x=args.x, out=args.out, target=args.target))
+        console.print(f"plot: {args.out}")
         return 0
     cfg = _config(args)
     if args.command in ("train", "demo"):

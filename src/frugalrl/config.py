@@ -204,6 +204,14 @@ class TrainConfig:
     critic_lr: float = opt(1e-3, "PPO: AdamW learning rate of the critic (value head)", gt=0)
     max_bad_steps: int = opt(5, "a step whose loss or gradient is NaN/inf is skipped; stop with an error after "
                              "this many in a row", min=1)
+    strategy: str = opt("ddp", "data parallelism under torchrun: ddp = every process holds the whole model, its "
+                        "gradients and optimizer state; fsdp = torch's FSDP2 shards them over the processes "
+                        "(see README, Scale-out)", choices=("ddp", "fsdp"))
+    fsdp_reshard_after_forward: bool = opt(True, "fsdp: free each layer's gathered weights after its forward pass "
+                                           "and gather them again for the backward (less memory, more traffic)")
+    fsdp_cpu_offload: bool = opt(False, "fsdp on GPUs: keep the sharded weights, gradients and optimizer state in "
+                                 "CPU memory and step the optimizer there (torch's CPUOffloadPolicy); no effect "
+                                 "on the CPU")
 
 
 @dataclass
@@ -223,6 +231,8 @@ class RewardConfig:
 class EvalConfig:
     pass_k: int = opt(4, "k for pass@k (sampled at temperature eval.temperature); 0 = off", min=0)
     temperature: float = opt(1.0, "sampling temperature for pass@k", gt=0)
+    log_examples: int = opt(4, "held-out prompts whose greedy completion, answer and reward go to the report_to "
+                            "trackers as a table at each evaluation (0 = none)", min=0)
 
 
 @dataclass
@@ -239,6 +249,14 @@ class Config:
     eval_every: int = opt(50, "evaluate every N steps (0 = off)", min=0)
     max_wall_s: float = opt(480.0, "stop after this many seconds of training, evaluation excluded (0 = no limit)", min=0)
     threads: int = opt(0, "torch CPU threads (0 = torch's default)", min=0)
+    log_every: int = opt(0, "when stdout is not a terminal (a log file), print one progress line every N steps "
+                         "(0 = about 20 lines a run); a terminal shows a progress bar instead", min=0)
+    report_to: str | list[str] = opt([], "experiment trackers that get every metrics row and, at each evaluation, "
+                                     "a table of held-out completions: a list of tensorboard, wandb, mlflow, "
+                                     "trackio, or one name (each: pip install 'frugalrl[NAME]'); [] or none = "
+                                     "no tracker. Offline by default: see `frugalrl.tracking`")
+    project: str = opt("frugalrl", "the trackers' project (W&B project, MLflow experiment, trackio project)")
+    run_name: str = opt("", "the run's name in the trackers (empty = the name of output_dir)")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -281,6 +299,12 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.resume and os.path.abspath(cfg.resume) != os.path.abspath(cfg.output_dir):
         raise ConfigError(f"resume={cfg.resume} continues that run in place, but output_dir={cfg.output_dir}; "
                           "drop output_dir (`frugalrl train --resume DIR` sets it) or make them equal")
+    from frugalrl import tracking  # here: tracking builds on this module
+
+    try:
+        tracking.backends(cfg.report_to)
+    except ValueError as e:  # an unknown or uninstalled tracker: say so before any work
+        raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +317,7 @@ __all__ = [
     "Config", "ModelConfig", "LoraConfig", "DataConfig", "RolloutConfig", "AlgoConfig", "TrainConfig",
     "RewardConfig", "EvalConfig",
     "ConfigError", "FieldSpec", "opt", "field_specs", "load_config", "apply_overrides",
-    "validate_config", "config_to_dict", "save_config", "format_help",
+    "validate_config", "config_to_dict", "flatten", "save_config", "format_help",
 ]
 
 _HELP_HINT = "run `frugalrl train --help` to list all options"
@@ -681,6 +705,18 @@ def _build(cls, data: dict):
 def config_to_dict(cfg) -> dict:
     """The config as nested plain dicts/lists/scalars (what `save_config` writes)."""
     return _to_data(type(cfg), cfg)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (`config_to_dict`, or a run's config.yaml as read) as one level of dotted
+    keys: {"algo": {"estimator": "kae"}} -> {"algo.estimator": "kae"}."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 # --- parsing ----------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ has one code path. With W ranks, one step is the single-process step with its wo
   cannot make the ranks' shared draws diverge.
 
 The result equals one process with the same global batch and seed, up to float rounding.
+This is ``train.strategy=ddp``; under ``fsdp`` the split of the work is the same, but the model,
+its gradients and optimizer state are sharded over the ranks and gradients are reduce-scattered
+by FSDP in the backward pass (``sharding.py``).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ class Dist:
     ``world`` ranks, this one is ``rank``; rank 0 is ``is_main``. Built by :func:`init`.
     """
 
-    def __init__(self, world: int = 1, rank: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, world: int = 1, rank: int = 0, device: torch.device | str = "cpu", owns_group: bool = False):
         self.world, self.rank, self.device = world, rank, torch.device(device)
+        self.owns_group = owns_group  # a process group of this process alone (``init(..., group=True)``)
 
     @property
     def is_main(self) -> bool:
@@ -141,14 +145,20 @@ def _buckets(tensors: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
         yield bucket
 
 
-def init(device: str) -> Dist:
+def init(device: str, group: bool = False) -> Dist:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``,
     ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``...), or a single-process ``Dist`` without it.
 
     ``device``: "cpu" (gloo) or "cuda" (nccl; each rank takes GPU ``LOCAL_RANK``).
+    ``group``: without torchrun, still make a process group of this one process (FSDP's
+    sharding needs one: ``sharding.py``); ``close`` ends it.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if group and not tdist.is_initialized():
+            tdist.init_process_group("nccl" if device == "cuda" else "gloo", store=tdist.HashStore(), rank=0,
+                                     world_size=1)
+            return Dist(owns_group=True)
         return Dist()
     rank = int(os.environ["RANK"])
     if device == "cuda":
@@ -163,7 +173,7 @@ def init(device: str) -> Dist:
 
 def close(dist: Dist) -> None:
     """Leave the process group (after the last collective)."""
-    if dist.active and tdist.is_initialized():
+    if (dist.active or dist.owns_group) and tdist.is_initialized():
         tdist.destroy_process_group()
 
 

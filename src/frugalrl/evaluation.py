@@ -61,3 +61,12 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
             if pass_k > 0:
                 out[f"pass@{pass_k}/{name}"] = passed_all[mask].mean().item()
     return out
+
+
+def examples(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: int) -> list[dict]:
+    """``{"prompt", "completion", "answer", "reward"}`` of each of ``rows`` (a few held-out
+    prompts, for the trackers' table): the greedy completion that ``evaluate`` scores, and its reward."""
+    greedy = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, greedy=True)
+    rewards = score(reward_fn, rows, greedy.texts)
+    return [{"prompt": r["prompt"], "completion": text, "answer": str(r.get("answer", "")), "reward": reward.item()}
+            for r, text, reward in zip(rows, greedy.texts, rewards)]

@@ -1,4 +1,4 @@
-"""PNG plots of a run: reward and evaluation accuracy against step and against wall time."""
+"""PNG plots: one run's reward and evaluation accuracy against step and wall time; several runs side by side."""
 
 from __future__ import annotations
 
@@ -40,6 +40,32 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_compare(curves: list[dict], path: str | Path, xlabel: str, title: str = "") -> Path:
+    """Several runs on shared axes: held-out greedy accuracy (left) and sampled reward (right,
+    moving average), one colour a run. ``curves``: one ``{"label": str, "accuracy": (xs, ys),
+    "reward": (xs, ys)}`` a run, ``xs`` in the units ``xlabel`` names."""
+    fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.25 * len(curves)), sharex=True)
+    for i, curve in enumerate(curves):
+        color = f"C{i % 10}"
+        acc_ax.plot(*curve["accuracy"], "o-", color=color, markersize=3, label=curve["label"])
+        xs, ys = curve["reward"]
+        reward_ax.plot(xs, _smooth(list(ys), max(1, len(ys) // 20)), color=color, label=curve["label"])
+    acc_ax.set_ylabel("held-out greedy accuracy")
+    reward_ax.set_ylabel("sampled reward (moving average, 1/20 of the run)")
+    for ax in (acc_ax, reward_ax):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    # one legend under both panels: labels name several options and would cover the curves
+    fig.legend(*acc_ax.get_legend_handles_labels(), loc="lower center", fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, min(0.5, 0.04 + 0.045 * len(curves)), 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from frugalrl import checkpoint
+from frugalrl import checkpoint, sharding
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -126,11 +126,16 @@ class Resumable:
     train_rows: list[dict]
 
 
-def save_training_checkpoint(run_dir: Path, step: int, run: Resumable, counters: dict, keep: int) -> Path:
+def save_training_checkpoint(run_dir: Path, step: int, run: Resumable, counters: dict, keep: int,
+                             dist=None) -> Path:
     """``run_dir/checkpoint-STEP`` with everything ``restore_training_state`` needs; ``counters``
-    are the trainer's running totals (wall clock, samples)."""
+    are the trainer's running totals (wall clock, samples). A sharded model (``train.strategy=fsdp``)
+    is saved by every rank of ``dist`` (``sharding.save_checkpoint``), any other by rank 0 alone."""
     state = {"step": step, **counters, "estimator": run.estimator.state_dict(), "sampler": run.sampler.state_dict(),
              "rng": rng_state(), "data": data_fingerprint(run.train_rows)}
+    if sharding.is_sharded(run.model):
+        return sharding.save_checkpoint(run_dir, step, run.model, run.tokenizer, run.optimizer, run.scheduler, state,
+                                        dist, keep=keep, extra_tensors={"learner": run.learner.state_dict()})
     return checkpoint.save_checkpoint(run_dir, step, run.model, run.tokenizer, run.optimizer, run.scheduler, state,
                                       keep=keep, extra_tensors={"learner": run.learner.state_dict()})
 
@@ -142,8 +147,15 @@ def restore_training_state(path: Path, run: Resumable) -> dict:
     if state.get("data") != data_fingerprint(run.train_rows):
         raise ValueError(f"the training prompts differ from those {path} was trained on; resume with the "
                          "same data options and files, or start a new run in another output_dir")
-    checkpoint.load_model_weights(run.model, path)
-    run.optimizer.load_state_dict(tensors["optimizer"])
+    if sharding.is_sharded(run.model) != sharding.is_sharded_checkpoint(path):
+        saved, now = ("fsdp", "ddp") if sharding.is_sharded_checkpoint(path) else ("ddp", "fsdp")
+        raise ValueError(f"{path} was saved with train.strategy={saved}, and this run has train.strategy={now}: "
+                         f"its checkpoints do not load into the other strategy; resume with train.strategy={saved}")
+    if sharding.is_sharded(run.model):  # on any number of processes: re-sharded as it loads
+        sharding.load_checkpoint(path, run.model, run.optimizer)
+    else:
+        checkpoint.load_model_weights(run.model, path)
+        run.optimizer.load_state_dict(tensors["optimizer"])
     run.scheduler.load_state_dict(tensors["scheduler"])
     run.learner.load_state_dict(tensors["learner"])
     run.estimator.load_state_dict(state["estimator"])
@@ -155,8 +167,8 @@ def restore_training_state(path: Path, run: Resumable) -> dict:
 
 # --- metrics.jsonl --------------------------------------------------------------------------
 
-def _read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics file; a torn last line (killed mid-write) is dropped."""
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics file; a torn last line (killed, or still being written) is dropped."""
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -181,7 +193,7 @@ class MetricsLog:
             self.rows = []
             return
         self.rows = [] if keep_through is None or not path.is_file() else \
-            [r for r in _read_rows(path) if r.get("step", 0) <= keep_through]
+            [r for r in read_metrics(path) if r.get("step", 0) <= keep_through]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
         os.replace(tmp, path)

@@ -28,20 +28,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from frugalrl import checkpoint, distributed, recovery, vstar
+from frugalrl import checkpoint, distributed, recovery, sharding, vstar
 from frugalrl.advantages import get_estimator
 from frugalrl.config import Config, save_config
 from frugalrl.data import PromptSampler, Task, load_task
-from frugalrl.evaluation import evaluate, score
+from frugalrl.evaluation import evaluate, examples, score
 from frugalrl.models import (check_prompt_lengths, cpu_threads, load_policy, policy_device, prepare_for_training,
                              resolve_model_path, sft_info)
 from frugalrl.plots import plot_run
+from frugalrl.progress import TrainProgress
 from frugalrl.prompts import format_task
 from frugalrl.rewards import build_reward
 from frugalrl.rollout import Rollout, generate
+from frugalrl.tracking import Trackers
 from frugalrl.update import Learner, optimizer_steps
 from frugalrl.vllm_rollout import VLLMRollout
 
@@ -147,12 +148,6 @@ def _checkpoint_due(cfg: Config, step: int, stopping: bool) -> bool:
     return bool(cfg.save_every) and (step % cfg.save_every == 0 or step == cfg.max_steps or stopping)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]RL[/]"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
-
-
 def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict], prompts: str) -> None:
     steps = [r for r in rows if "reward_mean" in r]
     k = max(1, min(10, len(steps) // 5))
@@ -197,7 +192,7 @@ def train(cfg: Config, console: Console | None = None, task: Task | None = None,
     Under ``torchrun`` every rank runs this function (``distributed.py`` says how the work is
     split); rank 0 evaluates, logs and writes the run directory.
     """
-    dist = distributed.init(policy_device(cfg))
+    dist = distributed.init(policy_device(cfg), group=cfg.train.strategy == "fsdp")
     try:
         with cpu_threads(cfg.threads):
             return _train(cfg, console or Console(), task, on_step, dist)
@@ -227,7 +222,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     # Again: building the embedded SFT model or V* (or finding them cached) must not change
     # what the run draws.
     set_seed(cfg.seed)
-    model = prepare_for_training(model, cfg)
+    model = sharding.shard(prepare_for_training(model, cfg), cfg, dist)  # train.strategy=fsdp
     device = next(model.parameters()).device
     vllm_engine = VLLMRollout.create(resolve_model_path(cfg), tokenizer, cfg) if cfg.rollout.backend == "vllm" else None
     estimator = build_estimator(cfg, v_star)
@@ -250,26 +245,41 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         save_config(replace(cfg, resume=""), run_dir / "config.yaml")  # usable as --config for a fresh run
     metrics = recovery.MetricsLog(run_dir / "metrics.jsonl" if dist.is_main else None,
                                   keep_through=start if resume_from else None)
+    trackers = Trackers.open(cfg, run_dir, start) if dist.is_main else Trackers()
+
+    def log(row: dict) -> None:
+        """A metrics row to metrics.jsonl and to every tracker (report_to)."""
+        metrics.log(row)
+        trackers.log(row)
 
     def run_eval(step: int) -> None:
+        """Evaluate (rank 0); under train.strategy=fsdp every rank first gathers the whole weights."""
+        with sharding.full_weights(model) as whole:
+            evaluate_on_main(step, whole)
+
+    def evaluate_on_main(step: int, model) -> None:
         """Rank 0 evaluates (the others wait); its sampling does not touch the shared RNG."""
         if dist.is_main:
             with distributed.private_rng(device):
                 result = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
                                   max_new_tokens=ro_cfg.max_new_tokens, pass_k=cfg.eval.pass_k,
                                   temperature=cfg.eval.temperature)
+                shown = (examples(model, tokenizer, task.eval_rows[:cfg.eval.log_examples], task.reward_fn,
+                                  max_new_tokens=ro_cfg.max_new_tokens) if trackers and cfg.eval.log_examples else [])
             row = {"step": step, "wall_s": round(wall, 3), "samples": samples,
                    **{f"eval_{k}": v for k, v in result.items()}}
-            metrics.log(row)
+            log(row)
             evals.append(row)
+            if shown:
+                trackers.log_examples(shown, step)
         dist.barrier()
 
     evals = [r for r in metrics.rows if "eval_accuracy" in r]  # the earlier ones, when resuming
-    if cfg.eval_every and not resume_from:
-        run_eval(0)
     step, bad_steps = start, 0
-    with _progress(console) as progress, recovery.StopSignals() as stop:
-        bar = progress.add_task("train", total=cfg.max_steps, completed=start, info="")
+    with trackers, TrainProgress(console, cfg.max_steps, start, cfg.log_every, cfg.max_wall_s) as progress, \
+            recovery.StopSignals() as stop:
+        if cfg.eval_every and not resume_from:
+            run_eval(0)
         for step in range(start + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             batch = sampler.next()  # the global batch: the same on every rank
@@ -279,8 +289,9 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             rows, uniforms = batch[shard], uniforms[mine]
             prompts = [r["prompt"] for r in rows for _ in range(G)]
             sampling = dict(max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p)
-            rollout = (vllm_engine.generate(model, prompts, **sampling) if vllm_engine
-                       else generate(model, tokenizer, prompts, uniforms=uniforms, **sampling))
+            with sharding.full_weights(model) as whole:  # fsdp: each rank gathers the weights to sample
+                rollout = (vllm_engine.generate(whole, prompts, **sampling) if vllm_engine
+                           else generate(whole, tokenizer, prompts, uniforms=uniforms, **sampling))
             t_gen = time.perf_counter() - t0
             rewards = score(task.reward_fn, rows, rollout.texts, G)
             all_rewards = dist.gather(rewards)  # the estimator sees the global batch
@@ -304,34 +315,33 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
                            prompts_dropped=dropped["train"] + dropped["eval"])
                 if warmup:
                     row.update(sft_steps=warmup["sft_steps"], sft_check_accuracy=warmup.get("check_accuracy"))
-            metrics.log(row)
+            log(row)
             if on_step is not None:
                 on_step(step, model, rows, rollout, rewards)
             bad_steps = bad_steps + 1 if update["bad_step"] else 0
             if bad_steps >= cfg.train.max_bad_steps:
                 raise recovery.TrainingDiverged(bad_steps, step, run_dir)
-            info = f"reward {row['reward_mean']:.2f}"
             out_of_time = bool(cfg.max_wall_s) and wall >= cfg.max_wall_s
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time):
                 run_eval(step)
-            if evals:
-                info += f"  acc {evals[-1]['eval_accuracy']:.2f}"
-            progress.update(bar, advance=1, info=info)
+            progress.update(step, row["reward_mean"], evals[-1] if evals else None, wall, last=out_of_time)
             # read once, and agreed on by every rank: a signal arriving later is handled after the next step
             signum = int(dist.max([stop.signum or 0])[0])
             saved = None
             if not bad_steps and (signum or _checkpoint_due(cfg, step, out_of_time)):  # never a bad step's
-                if dist.is_main:
+                if dist.is_main or sharding.is_sharded(model):  # fsdp: every rank writes its shard
                     saved = recovery.save_training_checkpoint(run_dir, step, run, {"wall_s": wall, "samples": samples},
-                                                              keep=cfg.save_total_limit)
+                                                              keep=cfg.save_total_limit, dist=dist)
                 dist.barrier()
             if signum:
                 raise recovery.TrainingInterrupted(signum, step, run_dir, saved)
             if out_of_time:
                 break
 
+    with sharding.full_weights(model) as whole:  # fsdp: gathered on every rank, saved by rank 0
+        if dist.is_main:
+            checkpoint.save_model(run_dir / "model", whole, tokenizer, cfg.lora.save)
     if dist.is_main:
-        checkpoint.save_model(run_dir / "model", model, tokenizer, cfg.lora.save)
         plot_run(metrics.rows, run_dir / "training.png", title=f"{cfg.algo.estimator} on {cfg.data.source}")
         _summary(console, cfg, metrics.rows, evals, prompt_counts)
         console.print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, training.png, model/)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from frugalrl import lora
+from frugalrl import lora, sharding
 from frugalrl.config import Config
 from frugalrl.critic import ValueHead, outcome_token_rewards
 from frugalrl.distributed import Dist
@@ -51,6 +51,8 @@ def reference_policy(model):
     """
     if lora.is_lora(model):
         return lora.AdapterDisabled(model)
+    if sharding.is_sharded(model):  # train.strategy=fsdp: a copy sharded the same way
+        return sharding.frozen_copy(model)
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
@@ -106,6 +108,9 @@ class Learner:
         a, t = cfg.algo, cfg.train
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.dist = dist or Dist()
+        # train.strategy=fsdp: every forward and backward pass of the policy (and reference) is a
+        # collective, so every rank makes as many as the rank with the most (``_passes``)
+        self.sharded = sharding.is_sharded(model)
         self.astar = a.estimator == "astar"
         self.reference = reference_policy(model) if a.kl_coef > 0 or self.astar else None
         device = next(model.parameters()).device
@@ -210,20 +215,22 @@ class Learner:
             const.ref_logprobs = torch.zeros_like(mask)
         if self.critic is not None:
             const.old_values = torch.zeros_like(mask)
-        for index in _micro_batches(keep.nonzero().flatten(), cfg.train.micro_batch):
-            part = rollout.select(index).trimmed()
+        for index in self._passes(keep.nonzero().flatten()):
+            dummy = index is None  # its outputs are dropped (``_passes``)
+            part = rollout.select([0] if dummy else index).trimmed()
             width = part.completion_mask.shape[1]
             if need_old or self.critic is not None:
                 with eval_mode(self.model):
                     out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=self.critic is not None)
-                if need_old:
+                if need_old and not dummy:
                     const.old_logprobs[index, :width] = out.logprobs
-                if self.critic is not None:
+                if self.critic is not None and not dummy:
                     const.old_values[index, :width] = torch.where(part.completion_mask.bool(),
                                                                   self.critic(out.hidden), 0.0)
             if self.reference is not None:
-                const.ref_logprobs[index, :width] = forward_completions(
-                    self.reference, part, cfg.rollout.temperature).logprobs
+                ref = forward_completions(self.reference, part, cfg.rollout.temperature).logprobs
+                if not dummy:
+                    const.ref_logprobs[index, :width] = ref
         if self.critic is not None:
             const.advantages, const.returns = gae(outcome_token_rewards(rewards, mask), const.old_values, mask,
                                                   cfg.algo.gae_gamma, cfg.algo.gae_lambda)
@@ -243,7 +250,11 @@ class Learner:
         if self.critic is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
         totals = dict.fromkeys(self.metric_names, 0.0)
-        for micro in _micro_batches(index, cfg.train.micro_batch):
+        for micro in self._passes(index):
+            if micro is None:  # a pass with zero loss, for FSDP's collectives (``_passes``)
+                forward_completions(self.model, rollout.select([0]).trimmed(), cfg.rollout.temperature
+                                    ).logprobs.sum().mul(0.0).backward()
+                continue
             part = rollout.select(micro).trimmed()
             out = forward_completions(self.model, part, cfg.rollout.temperature,
                                       entropy=cfg.algo.entropy_coef > 0, hidden=self.critic is not None)
@@ -269,14 +280,31 @@ class Learner:
         skips the step and drops the gradient, so that one bad batch cannot poison the weights
         (the trainer stops after ``train.max_bad_steps`` such steps in a row)."""
         params = list(params)
-        self.dist.sum_grads(params)
+        if not any(hasattr(p, "to_local") for p in params):  # sharded (DTensor) ones are summed in backward
+            self.dist.sum_grads(params)
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        grad_norm = sharding.clip_grad_norm(params, max_norm)  # of all ranks' shards together
         if finite_loss and math.isfinite(grad_norm):
             optimizer.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
+        # dropped either way: the next step starts from none, and kept they would add their size
+        # to the next rollout's peak memory
+        optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _passes(self, index: Tensor) -> list[Tensor | None]:
+        """The micro-batches of ``index`` (``train.micro_batch`` samples each), then, under
+        train.strategy=fsdp, as many ``None`` as this rank has fewer than the rank with the most.
+
+        FSDP gathers each layer's weights in every forward pass and reduce-scatters its
+        gradients in every backward: collectives that every rank must join. After filtering
+        the ranks keep different numbers of samples, so a rank with fewer micro-batches makes
+        dummy passes (a sample of its rollout, zero loss, outputs dropped) to match.
+        """
+        batches = list(_micro_batches(index, self.cfg.train.micro_batch))
+        if not self.sharded:
+            return batches
+        most = int(self.dist.max([len(batches)])[0])
+        return batches + [None] * (most - len(batches))
 
     def _advance_schedule(self, steps: int) -> None:
         """Move the learning-rate schedule on by ``steps`` optimizer steps, taken or skipped."""

@@ -26,6 +26,8 @@ BENCHES = {
     "train": "every preset from one SFT checkpoint, several seeds, equal samples: accuracy, time to target, memory",
     "peer": "frugalrl's GRPO vs TRL's GRPOTrainer, same model, task, G and budget: s/step, peak RSS, accuracy",
     "warmup": "the embedded model's SFT warm-up for several seeds and pool sizes: steps, accuracy reached, time",
+    "scale": "peak RSS per process of train.strategy=ddp vs fsdp under torchrun (2 processes), on the largest "
+             "model that fits comfortably",
 }
 PREFIX = "bench."
 

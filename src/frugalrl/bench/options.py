@@ -71,5 +71,17 @@ class WarmupOptions:
     results_dir: str = opt("bench/results", "where warmup.md, warmup.png and summary.json are written")
 
 
+@dataclass
+class ScaleOptions:
+    processes: int = opt(2, "torchrun processes of each run (rollout.batch_prompts must split over them)", min=2)
+    rounds: int = opt(1, "rounds, each a ddp run then an fsdp run (median reported)", min=1)
+    hidden_size: int = opt(1024, "the bench's random Llama (unless model.name_or_path): hidden size", min=8)
+    layers: int = opt(24, "the bench's random Llama: decoder layers", min=1)
+    intermediate_size: int = opt(2816, "the bench's random Llama: MLP width", min=8)
+    heads: int = opt(16, "the bench's random Llama: attention heads (hidden_size must be a multiple)", min=1)
+    results_dir: str = opt("bench/results", "where scale.md and summary.json are written")
+
+
 OPTIONS = {"value": ValueOptions, "grad": GradOptions, "rollout": RolloutOptions, "train": TrainOptions,
-           "peer": PeerOptions, "warmup": WarmupOptions}
+           "peer": PeerOptions, "warmup": WarmupOptions,
+           "scale": ScaleOptions}
