@@ -1,0 +1,83 @@
+"""Error bars for bench figures: a mean with its confidence interval, and a ratio of two means
+with a bootstrap interval. Every headline number of a results page goes through one of these.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (any statistics table);
+# past 30 the normal quantile 1.96 is within 2 % of t's.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure with its 95 % interval [low, high]; ``n`` the number of independent values
+    (seeds, rounds, resamples) it rests on. low = high = value when n < 2: no error bar."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        if self.n < 2 or not math.isfinite(self.low):
+            return f"{self.value:.3g} (n={self.n}, no interval)"
+        return f"{self.value:.3g} [{self.low:.3g}, {self.high:.3g}]"
+
+    def as_summary(self, key: str) -> dict[str, float]:
+        """``summary.json`` keys: KEY, KEY_ci_low, KEY_ci_high."""
+        return {key: self.value, f"{key}_ci_low": self.low, f"{key}_ci_high": self.high}
+
+
+def t95(df: int) -> float:
+    """Two-sided 95 % quantile of Student's t with ``df`` >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t95 needs df >= 1, got {df}")
+    return _T95[df - 1] if df <= len(_T95) else 1.96
+
+
+def mean_ci(values: list[float]) -> Estimate:
+    """The mean of ``values`` (independent draws: one per seed or round) with its 95 % Student-t
+    interval, mean ± t95(n-1) · sd / √n."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_ci of no values")
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Estimate(mean, mean, mean, n)
+    half = t95(n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def ratio_ci(numerator: list[float], denominator: list[float], paired: bool = False, resamples: int = 4000,
+             seed: int = 0) -> Estimate:
+    """mean(numerator) / mean(denominator) with a 95 % percentile-bootstrap interval.
+
+    ``paired``: the i-th values of both lists come from one draw (the same seed or probe prompt),
+    so they are resampled together; otherwise each list is resampled on its own. A resample whose
+    denominator mean is 0 is dropped.
+    """
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if not len(num) or not len(den):
+        raise ValueError("ratio_ci of an empty list")
+    if paired and len(num) != len(den):
+        raise ValueError(f"paired ratio_ci needs lists of one length, got {len(num)} and {len(den)}")
+    value = float(num.mean() / den.mean())
+    n = min(len(num), len(den))
+    if n < 2:
+        return Estimate(value, value, value, n)
+    rng = np.random.default_rng(seed)
+    pick_num = rng.integers(0, len(num), size=(resamples, len(num)))
+    pick_den = pick_num if paired else rng.integers(0, len(den), size=(resamples, len(den)))
+    top, bottom = num[pick_num].mean(axis=1), den[pick_den].mean(axis=1)
+    ratios = top[bottom != 0] / bottom[bottom != 0]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return Estimate(value, float(low), float(high), n)

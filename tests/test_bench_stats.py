@@ -1,0 +1,28 @@
+"""bench/stats.py: error bars checked against hand-computed numbers."""
+
+import pytest
+
+from frugalrl.bench.stats import mean_ci, ratio_ci, t95
+
+
+def test_mean_ci_by_hand():
+    # values 1, 2, 3: mean 2, sd 1, n 3 -> half width t95(2) * 1 / sqrt(3) = 4.303 / 1.7321 = 2.4843
+    est = mean_ci([1.0, 2.0, 3.0])
+    assert (est.value, est.n) == (2.0, 3)
+    assert est.low == pytest.approx(2 - 2.4843, abs=1e-4) and est.high == pytest.approx(2 + 2.4843, abs=1e-4)
+    assert mean_ci([0.5]).low == mean_ci([0.5]).high == 0.5  # one value: no interval
+    assert t95(40) == 1.96 and t95(1) == 12.706
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_ratio_ci_brackets_the_ratio_and_pairing_narrows_it():
+    num = [2.0, 4.0, 6.0, 8.0, 10.0]
+    den = [1.0, 2.0, 3.0, 4.0, 5.0]  # every pair has ratio 2: paired resamples all give exactly 2
+    paired = ratio_ci(num, den, paired=True)
+    assert paired.value == 2.0 and paired.low == pytest.approx(2.0) and paired.high == pytest.approx(2.0)
+    unpaired = ratio_ci(num, den)
+    assert unpaired.value == 2.0 and unpaired.low < 2.0 < unpaired.high
+    assert unpaired.as_summary("r") == {"r": 2.0, "r_ci_low": unpaired.low, "r_ci_high": unpaired.high}
+    with pytest.raises(ValueError, match="one length"):
+        ratio_ci([1.0, 2.0], [1.0], paired=True)
