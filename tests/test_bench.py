@@ -2,6 +2,9 @@
 
 import json
 import math
+import re
+import subprocess
+import time
 
 import pytest
 
@@ -20,58 +23,208 @@ def _summary(tmp_path) -> dict:
     return summary
 
 
-def test_bench_value(tmp_path, toy_options, capsys):
+@pytest.fixture()
+def kae_preset(tmp_path):
+    """A KAE preset that fits the toy pool: batches of 4 prompts, each kept 2 steps."""
+    path = tmp_path / "kae-toy.yaml"
+    path.write_text("algo: {estimator: kae, kae_bandwidth: 10.0}\ndata: {sticky_steps: 2}\n"
+                    "rollout: {batch_prompts: 4, group_size: 2}\n")
+    return f"bench.kae_preset={path}"
+
+
+def _intervals(summary: dict, keys: list[str]) -> None:
+    """Each key is a finite ratio with a finite 95 % interval: KEY_ci_low <= KEY_ci_high."""
+    for key in keys:
+        low, high = summary[f"{key}_ci_low"], summary[f"{key}_ci_high"]
+        assert math.isfinite(summary[key]) and math.isfinite(low) and math.isfinite(high) and low <= high, key
+
+
+def test_bench_value(tmp_path, toy_options, kae_preset, capsys):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "summary.json").write_text('{"other_bench": 1.0}')  # merged into, not replaced
     rc = main(["bench", "value", *toy_options, f"output_dir={tmp_path / 'run'}", "max_steps=4", "bench.every=2",
                "bench.probes=4", "bench.mc_samples=8", "bench.groups=[1,2,4]", "rollout.batch_prompts=4",
-               "rollout.group_size=2", "train.micro_batch=16", "algo.vstar_n=4"])
+               "rollout.group_size=2", "train.micro_batch=16", "algo.vstar_n=4", kae_preset])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = _summary(tmp_path)
     assert summary["other_bench"] == 1.0
-    for key in ("value_mse_ratio_kae_vs_grpo_g2", "value_mse_ratio_kae_vs_grpo_g4"):
+    keys = [f"value_mse_ratio_kae_vs_grpo_g{G}{suffix}" for G in (2, 4) for suffix in ("", "_every_step")]
+    for key in keys:
         assert summary[key] == printed[key]
+    _intervals(summary, keys)
     page = (tmp_path / "results" / "value.md").read_text()
     assert "frugalrl bench value" in page and "| G=1 | G=2 | G=4 |" in page
-    for name in ("grpo", "rloo", "reinforce", "reinforce_pp", "kae"):
+    for name in ("grpo", "rloo", "reinforce", "reinforce_pp", "kae", "kae_every_step"):
         assert f"| {name} (" in page
     assert "| grpo (group mean) | n/a |" in page  # no group baseline at G = 1
-    assert "kae / grpo MSE ratio: G=2:" in page and "its own target" in page
+    assert "kae / grpo MSE ratio, KAE as its preset trains (95 % interval, probes resampled): G=2:" in page
+    assert "best case for KAE" in page and "its own target" in page
+    # the toy pool: 64 rows less a tenth held out (6), batches of 4 kept 2 steps: an epoch of 14 x 2 steps
+    assert "batches of 4 prompts from the run's pool of 58, each for data.sticky_steps = 2 steps" in page
+    assert "once an epoch, 28 steps" in page
     assert (tmp_path / "results" / "value.png").stat().st_size > 0
 
 
-def test_bench_grad(tmp_path, toy_options, capsys):
+def test_schedule_visits_reads_the_training_sampler():
+    from frugalrl.bench.probe import schedule_visits
+
+    # 8 prompts in batches of 2 kept 2 steps: sampler steps 1-2, 3-4, 5-6, 7-8 hold four distinct
+    # batches (one epoch). Probe 0 (offset 0) stands in at step 4 for a prompt of the batch of
+    # steps 3-4: visits 3 and 4; probe 1 (offset 1) for one of the batch at sampler step 5, its
+    # first: one visit, read back one step to run step 4.
+    assert schedule_visits(8, 2, 2, 0, 2, [4]) == {3: [(0, 4)], 4: [(0, 4), (1, 4)]}
+
+
+def test_schedule_visits_first_visits_and_sticky_history():
+    from frugalrl.bench.probe import schedule_visits
+
+    # a pool far larger than the run: a prompt's only visits are its sticky block's. 8 probes with
+    # sticky_steps 4 sit at the block's 4 positions twice: 0, 1, 2 and 3 earlier visits (steps of
+    # history) at a checkpoint, consecutive and ending at it
+    visits = schedule_visits(10_000, 4, 4, 3, 8, [10, 20])
+    for c in (10, 20):
+        steps = {p: sorted(s for s, pairs in visits.items() if (p, c) in pairs) for p in range(8)}
+        assert sorted(len(s) - 1 for s in steps.values()) == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert all(s == list(range(c - len(s) + 1, c + 1)) for s in steps.values())
+    assert all(c <= 20 for pairs in visits.values() for _, c in pairs) and max(visits) == 20
+
+
+def test_schedule_visits_prompts_come_back_an_epoch_later():
+    from frugalrl.bench.probe import schedule_visits
+
+    # 4 prompts in batches of 2, no stickiness: each epoch (2 steps) visits every prompt once, so a
+    # probe measured at step 5 was also visited once in steps 1-2 and once in steps 3-4
+    steps = sorted(schedule_visits(4, 2, 1, 0, 1, [5]))
+    assert len(steps) == 3 and steps[0] in (1, 2) and steps[1] in (3, 4) and steps[2] == 5
+
+
+def test_kae_measured_as_its_preset_trains_on_bernoulli_rewards():
+    """Rewards Bernoulli(1/4) (sigma^2 = 3/16) for every probe at every step, KAE as configs/kae.yaml
+    trains (G = 2, batches kept 4 steps, triangular window of 10 steps). A baseline that weighs
+    rewards w_j has MSE sigma^2 sum w^2 / (sum w)^2: the group mean's is sigma^2 / 2; KAE's, with
+    the other sample (w = 1) and 0 to 3 earlier steps of 2 rewards each (w = 0.9, 0.8, 0.7), in
+    equal shares, sigma^2 (1 + 2.62/7.84 + 3.9/19.36 + 4.88/33.64) / 4 = 0.420 sigma^2: a ratio of
+    0.840; every probe at every step (lags 1 to 9 at checkpoints from step 10: sum w = 10,
+    sum w^2 = 6.7), 0.067 sigma^2: 0.134."""
+    from pathlib import Path
+
+    import torch
+
+    from frugalrl.bench.options import ValueOptions
+    from frugalrl.bench.probe import Probe, Samples
+    from frugalrl.config import load_config
+
+    sigma2, P = 3 / 16, 128
+    rows = [{"id": f"p{p}", "prompt": "", "answer": ""} for p in range(P)]
+    opts = ValueOptions(probes=P, mc_samples=16, every=10, groups=[2],
+                        kae_preset=str(Path(__file__).resolve().parents[1] / "configs" / "kae.yaml"))
+    probe = Probe(load_config(overrides=["max_steps=100"]), opts, None, rows, None, pool=20000)
+    draws = torch.Generator().manual_seed(0)
+    probe._sample = lambda model, rows, n: Samples(
+        torch.bernoulli(torch.full((len(rows), n), 0.25, dtype=torch.float64), generator=draws), [])
+    for step in range(1, 101):
+        probe(step, None, None, None, None)
+    assert len(probe.checkpoints) == 10
+    assert probe.mse("grpo", 2) == pytest.approx(sigma2 / 2, rel=0.1)
+    assert probe.mse("kae", 2) == pytest.approx(0.4202 * sigma2, rel=0.1)
+    assert probe.mse("kae_every_step", 2) == pytest.approx(0.067 * sigma2, rel=0.15)
+    for name, expected in (("kae", 0.840), ("kae_every_step", 0.134)):
+        ratio = probe.mse_ratio(name, "grpo", 2)
+        assert ratio.value == pytest.approx(expected, rel=0.15) and ratio.low < ratio.value < ratio.high
+        assert ratio.n == P
+
+
+def test_schedule_visits_needs_a_pool_of_a_batch():
+    from frugalrl.bench.probe import schedule_visits
+
+    with pytest.raises(ValueError, match="batch_prompts=128 exceeds the 58"):
+        schedule_visits(58, 128, 4, 0, 4, [10])
+
+
+def test_bench_grad(tmp_path, toy_options, kae_preset, capsys):
     run = ["max_steps=4", "bench.every=2", "bench.probes=4", "bench.mc_samples=8", "bench.groups=[1,2,4]",
-           "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=16", "algo.vstar_n=4"]
+           "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=16", "algo.vstar_n=4", kae_preset]
     for bench in ("value", "grad"):
         assert main(["bench", bench, *toy_options, f"output_dir={tmp_path / bench}", *run]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = _summary(tmp_path)
-    for key in ("grad_mse_ratio_kae_vs_grpo_g2", "grad_mse_ratio_kae_vs_grpo_g4",
-                "grad_total_mse_ratio_kae_vs_grpo_g2", "grad_total_mse_ratio_kae_vs_grpo_g4"):
+    keys = [f"{key}_g{G}" for key in ("grad_whole_mse_ratio_kae_vs_grpo", "grad_mse_ratio_kae_vs_grpo")
+            for G in (2, 4)]
+    # at the best step size only where GRPO's gradient is not 0 (the toy's groups are often all 0)
+    keys += [key for G in (2, 4) for suffix in ("", "_every_step")
+             if printed[key := f"grad_total_mse_ratio_kae_vs_grpo_g{G}{suffix}"] is not None]
+    assert len(keys) > 5
+    for key in keys:
         assert summary[key] == printed[key]
+    _intervals(summary, keys)
     page = (tmp_path / "results" / "grad.md").read_text()
     assert "frugalrl bench grad" in page and "| G=1 | G=2 | G=4 |" in page
-    for name in ("grpo", "rloo", "reinforce", "reinforce_pp", "kae", "grpo_scaled", "v_mc"):
+    for name in ("grpo", "rloo", "reinforce", "reinforce_pp", "kae", "kae_every_step", "grpo_scaled", "v_mc"):
         assert f"| {name} (" in page
     assert "| grpo (group mean) | n/a |" in page  # no group baseline at G = 1
-    assert "kae / grpo, gradient error from the baseline: G=2:" in page
-    assert "kae / grpo, whole error at the best step size: G=2:" in page
+    assert "kae / grpo, whole error at the best step size: G=" in page
+    assert "kae / grpo, whole error E‖g − ∇J‖² at step size 1: G=2:" in page
     assert (tmp_path / "results" / "grad.png").stat().st_size > 0
 
-    def cells(name, table):  # estimator `name`'s figures in the page's first (0) or second (1) table
+    def cells(name, table):  # estimator `name`'s figures in the page's table 0 (whole error at the best
+        # step size), 1 (whole error at step size 1), 2 (the baseline's part of it) or 3 (cross term)
         rows = [line for line in page.splitlines() if line.startswith(f"| {name} (")]
         return [float(c) for c in rows[table].strip("| ").split(" | ")[1:] if c != "n/a"]
 
     # GRPO's group-mean gradient is (G - 1)/G times RLOO's: the same error at the best step size
-    assert cells("grpo", 1) and cells("grpo", 1) == pytest.approx(cells("rloo", 1), rel=1e-3)
+    assert cells("grpo", 0) and cells("grpo", 0) == pytest.approx(cells("rloo", 0), rel=1e-3)
+    # the whole error is the sum of its parts: the baseline's, g_V's (the v_mc row) and the cross term
+    for name in ("grpo", "kae"):
+        for whole, part, cross, noise in zip(*(cells(name, t)[-2:] for t in (1, 2, 3)), cells("v_mc", 1)[-2:]):
+            assert whole == pytest.approx(part + noise + cross, abs=1e-3 * max(map(abs, (part, noise, cross))))
 
     def steps(bench):  # the run's metrics, times left out
         lines = (tmp_path / bench / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in lines]
 
     assert steps("grad") == steps("value")  # the gradient work leaves the run, and so the probe samples, alike
+
+
+def test_grad_whole_error_and_its_parts_by_hand():
+    """Two checkpoints of made-up dot products: the whole error ||g||^2 - 2 g . grad J + ||grad J||^2
+    (for v_mc, less the floor), the baseline's part ||g - g_MC||^2 - floor, the cross term what is
+    left, and the kae / grpo ratios with an interval over the checkpoints."""
+    from pathlib import Path
+
+    from frugalrl.bench.grad import ORACLE, GradProbe, measure_ratio
+    from frugalrl.bench.options import GradOptions
+    from frugalrl.config import load_config
+
+    opts = GradOptions(probes=2, every=10, groups=[2],
+                       kae_preset=str(Path(__file__).resolve().parents[1] / "configs" / "kae.yaml"))
+    probe = GradProbe(load_config(overrides=["max_steps=20"]), opts, None, [{"id": "a"}, {"id": "b"}], None, pool=256)
+    probe.checkpoints = [(10, 0.5), (20, 0.5)]
+    probe.true_norm, probe.mc_floor[2] = [2.0, 4.0], [0.1, 0.3]
+    # name: ||g||^2, g . grad J, ||g - g_MC||^2 per checkpoint
+    for name, sq, dot, err in (("kae", [3.0, 5.0], [1.0, 2.0], [0.5, 0.7]),
+                               ("grpo", [6.0, 8.0], [1.5, 2.5], [1.1, 1.3]),
+                               (ORACLE, [2.5, 4.5], [1.0, 2.0], None)):
+        probe.true_sq[(name, 2)], probe.true_dot[(name, 2)] = sq, dot
+        if err:
+            probe.mc_err[(name, 2)] = err
+    assert probe.whole("kae", 2) == pytest.approx([3.0, 5.0])  # 3 - 2 + 2, 5 - 4 + 4
+    assert probe.whole("grpo", 2) == pytest.approx([5.0, 7.0])
+    assert probe.whole(ORACLE, 2) == pytest.approx([2.4, 4.2])  # 2.5 - 0.1 - 2 + 2, 4.5 - 0.3 - 4 + 4
+    assert probe.baseline_err("kae", 2) == pytest.approx([0.4, 0.4])
+    assert probe.cross("kae", 2) == pytest.approx([0.2, 0.4])  # 3 - 0.4 - 2.4, 5 - 0.4 - 4.2
+    assert probe.cross("grpo", 2) == pytest.approx([1.6, 1.8])
+    assert probe.cross(ORACLE, 2) is None and probe.whole("rloo", 2) is None
+    assert probe.relative(probe.whole("kae", 2)) == pytest.approx(4 / 3)  # mean 4 over mean ||grad J||^2 3
+    whole = measure_ratio(probe, "whole", "kae", "grpo", 2)
+    assert whole.value == pytest.approx(4 / 6) and whole.n == 2 and whole.low <= whole.high
+    assert measure_ratio(probe, "baseline_err", "kae", "grpo", 2).value == pytest.approx(0.4)
+    # best step size: 1 - 1.5^2 / (4 x 3) = 0.8125 for kae, 1 - 2^2 / (7 x 3) = 17/21 for grpo
+    best = measure_ratio(probe, "true_relative", "kae", "grpo", 2)
+    assert best.value == pytest.approx(0.8125 / (17 / 21)) and best.n == 2 and best.low <= best.high
+    probe.true_norm = [-1.0, -1.0]  # no estimate of ||grad J||^2: no relative figure, no best step size
+    assert probe.relative(probe.whole("kae", 2)) is None
+    assert measure_ratio(probe, "true_relative", "kae", "grpo", 2) is None
 
 
 def test_score_gradients_weights_per_sample_scores(tiny_model_dir, tokenizer):
@@ -102,9 +255,20 @@ def test_score_gradients_weights_per_sample_scores(tiny_model_dir, tokenizer):
 
 
 def test_bench_rollout(tmp_path, toy_options, capsys):
+    from datetime import datetime, timezone
+
+    t0 = time.perf_counter()
     rc = main(["bench", "rollout", *toy_options, "bench.batches=[4,8]", "bench.rounds=1", "bench.new_tokens=6",
                "bench.matmul_size=64"])
+    elapsed = time.perf_counter() - t0
     assert rc == 0
+    # under the command: the commit, the date and the bench's wall time, which `frugalrl bench` measured
+    line = (tmp_path / "results" / "rollout.md").read_text().split("```\n\n")[1].splitlines()[0]
+    found = re.fullmatch(r"Commit (unknown|[0-9a-f]{7,}(?: \(with uncommitted changes\))?); finished "
+                         r"(\d{4}-\d\d-\d\d) \d\d:\d\d UTC; bench wall time (\d+) s\.", line)
+    assert found, line
+    assert found[2] == datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert int(found[3]) <= elapsed + 0.5
     summary = _summary(tmp_path)
     for key in ("rollout_fastgen_vs_hf", "rollout_fraction_of_ceiling", "rollout_fastgen_tok_s_b4",
                 "rollout_hf_tok_s_b8"):
@@ -116,21 +280,80 @@ def test_bench_rollout(tmp_path, toy_options, capsys):
 
 def test_bench_peer(tmp_path, toy_options):
     # no skip without trl: `make test` installs the bench extra, and this is the test that TRL really trains
+    from frugalrl.config import load_config
+
     rc = main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1",
-               "bench.rounds=1", "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=4"])
+               "bench.rounds=1", "seed=5", "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=4"])
     assert rc == 0
     summary = _summary(tmp_path)
     for key in ("step_time_ratio_ours_vs_trl", "peak_rss_ratio_ours_vs_trl", "peer_trl_s_per_step",
                 "peer_trl_peak_rss_mb"):
         assert summary[key] > 0
+        assert summary[f"{key}_ci_low"] is None and summary[f"{key}_ci_high"] is None  # one round: no interval
     assert summary["peer_completions"] == 16  # 2 steps x 4 prompts x G=2
     page = (tmp_path / "results" / "peer.md").read_text()
     assert "frugalrl bench peer" in page and "loss_type='grpo'" in page and "scale_rewards='group'" in page
+    # read back from TRL's GRPOConfig: epsilon is TRL's default, steps_per_generation what it derived (8 / 4)
+    assert "`epsilon=0.2`" in page and "`steps_per_generation=2`" in page and "`generation_batch_size=8`" in page
     for side in ("frugalrl", "TRL GRPOTrainer"):
         row = next(line for line in page.splitlines() if line.startswith(f"| {side} |"))
         assert row.split(" | ")[3] == "16"  # completions: equal samples on both sides
+    assert "| 1 | 5 | 5 |" in page  # round 1's seeds: frugalrl's config, TRL's GRPOConfig
+    assert load_config(str(tmp_path / "runs" / "frugalrl-1" / "peer-config.yaml")).seed == 5
     assert (tmp_path / "runs" / "trl-1" / "model" / "config.json").is_file()
     assert (tmp_path / "results" / "peer.png").stat().st_size > 0
+
+
+def test_peer_rounds_take_seeds_and_give_error_bars(tmp_path, toy_options, monkeypatch):
+    """Two rounds of made-up runs: seeds 5 and 6 on both sides, one data split, and the page's
+    figures are the hand-computed means, ratios and intervals of their numbers."""
+    from frugalrl.bench import peer
+
+    # (side, seed) -> (s/step, peak RSS MB, accuracy)
+    made_up = {("frugalrl", 5): (1.0, 100.0, 0.5), ("trl", 5): (4.0, 200.0, 0.4),
+               ("frugalrl", 6): (3.0, 100.0, 0.7), ("trl", 6): (4.0, 200.0, 0.4)}
+    calls = []
+
+    def fake_run(side, cfg, run_dir, warmup, task):
+        calls.append((side, cfg.seed, cfg.data.seed))
+        s_per_step, rss, accuracy = made_up[side, cfg.seed]
+        settings = {"seed": cfg.seed, "epsilon": 0.2} if side == "trl" else {}
+        return peer.Run(cfg.seed, s_per_step, rss, 16, accuracy, 0.1, 0.2, settings)
+
+    monkeypatch.setattr(peer, "_run", fake_run)
+    assert main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2",
+                 "bench.warmup=1", "bench.rounds=2", "seed=5"]) == 0
+    assert calls == [("frugalrl", 5, 5), ("trl", 5, 5), ("frugalrl", 6, 5), ("trl", 6, 5)]
+    summary = _summary(tmp_path)
+    # s/step: mean 2 / mean 4; resampling the two paired rounds gives 1/4, 2/4 (mixed) or 3/4
+    assert summary["step_time_ratio_ours_vs_trl"] == pytest.approx(0.5)
+    assert (summary["step_time_ratio_ours_vs_trl_ci_low"], summary["step_time_ratio_ours_vs_trl_ci_high"]) == \
+        pytest.approx((0.25, 0.75))
+    assert summary["peak_rss_ratio_ours_vs_trl"] == pytest.approx(0.5)
+    # accuracy: 0.6 ± t95(1) 12.706 x sd 0.1414 / sqrt(2) = 0.6 ± 1.2706; TRL's two equal rounds: no spread
+    assert (summary["peer_ours_accuracy"], summary["peer_ours_accuracy_ci_low"],
+            summary["peer_ours_accuracy_ci_high"]) == pytest.approx((0.6, -0.6706, 1.8706))
+    assert (summary["peer_trl_accuracy_ci_low"], summary["peer_trl_accuracy_ci_high"]) == pytest.approx((0.4, 0.4))
+    # per-round differences 0.1 and 0.3
+    assert (summary["peer_accuracy_gap_ours_minus_trl"], summary["peer_accuracy_gap_ours_minus_trl_ci_low"],
+            summary["peer_accuracy_gap_ours_minus_trl_ci_high"]) == pytest.approx((0.2, -1.0706, 1.4706))
+    page = (tmp_path / "results" / "peer.md").read_text()
+    assert "| 1 | 5 | 5 | 1.000 | 4.000 |" in page and "| 2 | 6 | 6 | 3.000 | 4.000 |" in page
+    assert "seconds per step **0.5 [0.25, 0.75]**" in page and "`epsilon=0.2`" in page
+
+
+def test_peer_trl_settings_come_from_the_grpo_config():
+    from frugalrl.bench import configure
+    from frugalrl.bench.peer import _trl_args, trl_settings, trl_settings_line
+
+    _, cfg, _ = configure("peer", None, ["rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=4",
+                                         "train.lr=0.001"])
+    args = _trl_args(cfg)
+    args.epsilon, args.top_k = 0.3, 5  # what the trainer runs with, whatever frugalrl's config says
+    line = trl_settings_line(trl_settings(args))
+    assert "`epsilon=0.3`" in line and "`top_k=5`" in line and "`learning_rate=0.001`" in line
+    assert "`lr_scheduler_type='cosine'`" in line and "`gradient_accumulation_steps=2`" in line
+    assert "seed" not in line  # per round, in its own table
 
 
 def test_bench_peer_refuses_what_trl_cannot_run(capsys):
@@ -148,25 +371,83 @@ def test_bench_train(tmp_path, toy_options, capsys):
     from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "configs"
+    # grpo: 8 prompts x G=4 = 32 completions a step; astar: 8 x G=1
     rc = main(["bench", "train", *toy_options, f"output_dir={tmp_path / 'runs'}", "rollout.batch_prompts=8",
-               "bench.runs=[grpo,kae,astar,ppo]", "bench.seeds=[0]", "bench.samples=32", "bench.target_run=grpo",
-               f"bench.configs_dir={configs}", "algo.vstar_prompts=16", "algo.vstar_n=2"])
+               "bench.runs=[grpo,astar]", "bench.seeds=[0,1]", "bench.samples=64", "bench.target_run=grpo",
+               "bench.eval_every_samples=32", f"bench.configs_dir={configs}", "algo.vstar_prompts=16",
+               "algo.vstar_n=2"])
     assert rc == 0
     summary = _summary(tmp_path)
-    assert summary["peak_rss_ratio_astar_vs_ppo"] > 0
-    # written even where a side never reached the target (null), so no stale number survives
-    assert {"time_to_target_ratio_dash_vs_grpo", "time_to_target_ratio_kae_g2_vs_grpo_g8", "time_ratio_astar_vs_ppo",
-            "time_ratio_astar_vs_ppo_no_stage1", "time_ratio_astar_vs_grpo"} <= summary.keys()
-    assert summary["time_to_target_ratio_dash_vs_grpo"] is None  # dash not among the runs
+    rss = summary["peak_rss_ratio_astar_vs_grpo"]
+    assert 0 < summary["peak_rss_ratio_astar_vs_grpo_ci_low"] <= rss <= summary["peak_rss_ratio_astar_vs_grpo_ci_high"]
+    # written even where a side was not run (null, with its interval), so no stale number survives
+    for key in ("time_to_target_ratio_dash_vs_grpo", "time_ratio_astar_vs_ppo", "final_accuracy_ratio_dash_vs_grpo",
+                "train_time_ratio_kae_g2_vs_grpo_g8"):
+        assert summary[key] is None and summary[f"{key}_ci_low"] is None and summary[f"{key}_ci_high"] is None
+    for key in ("time_ratio_astar_vs_grpo", "final_accuracy_ratio_astar_vs_grpo", "train_time_ratio_astar_vs_grpo"):
+        assert {key, f"{key}_ci_low", f"{key}_ci_high"} <= summary.keys()
     page = (tmp_path / "results" / "train.md").read_text()
-    assert "frugalrl bench train" in page and "| kae | kae |" in page and "A*-PO / PPO, peak RSS" in page
-    assert "n/a: one side of the ratio was not run" in page
-    assert "32 sampled completions" in page and "32 samples" in page  # stage 1: 16 prompts x 2
+    assert "frugalrl bench train" in page
+    # steps x completions, accuracy read every N steps
+    assert "| grpo | grpo | 2 x 32 | 1 |" in page and "| astar | astar | 8 x 8 | 4 |" in page
+    assert f"| A*-PO / GRPO, peak RSS | {rss:.3g} [" in page
+    assert "| A*-PO / PPO, time to target, stage 1 included | n/a: ppo not run |" in page
+    assert ("- A*-PO / GRPO (`astar` vs `grpo`): `rollout.temperature` 1.0 vs 0.7; `training prompts` the first 16 "
+            "vs all") in page
+    assert "64 sampled completions" in page and "32 samples" in page  # stage 1: 16 prompts x 2
     assert "on 6 prompts" in page  # a tenth of the toy file is held out
-    steps = [json.loads(line) for line in (tmp_path / "runs" / "kae-seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["samples"] for r in steps if "reward_mean" in r] == [16, 32]  # 8 prompts x G=2, two steps
+    for label, steps in (("grpo", [32, 64]), ("astar", [8 * i for i in range(1, 9)])):
+        metrics = (tmp_path / "runs" / f"{label}-seed1" / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in metrics]
+        assert [r["samples"] for r in rows if "reward_mean" in r] == steps
+        assert [r["samples"] for r in rows if "eval_accuracy" in r] == [0, 32, 64]  # read at equal samples
     assert (tmp_path / "runs" / "astar-seed0" / "vstar.json").is_file()
     assert (tmp_path / "results" / "train.png").stat().st_size > 0
+
+
+def test_bench_train_needs_whole_steps(tmp_path, toy_options, capsys):
+    """An interval that is not a whole number of some run's steps, or a target run that is not run, stops
+    the bench before any run, naming it."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["bench", "train", *toy_options, f"output_dir={tmp_path / 'runs'}", "rollout.batch_prompts=8",
+                 "bench.runs=[ppo,grpo]", "bench.target_run=grpo", "bench.samples=64", "bench.eval_every_samples=48",
+                 f"bench.configs_dir={configs}"]) == 2
+    assert "bench.eval_every_samples=48 is not a whole number of steps of run grpo" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main(["bench", "train", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.runs=[ppo]",
+                 "bench.target_run=grpo_g8", f"bench.configs_dir={configs}"]) == 2
+    assert "bench.target_run=grpo_g8 is not among bench.runs" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_train_ratios_on_hand_built_runs():
+    """Paired ratios of means over seeds, their bootstrap interval, stage 1, and why a ratio is n/a."""
+    from frugalrl.bench.train import RunRecord, ratio
+
+    def runs(label, curves, stage1_s=0.0):  # curves: (wall_s, accuracy) readings of each seed
+        return [RunRecord(label, seed, [(w, 0, a) for w, a in curve], train_s=100.0 * (seed + 1), process_s=0.0,
+                          peak_rss_mb=500.0, tokens_generated=0, tokens_trained=0, eval_prompts=4, stage1_s=stage1_s)
+                for seed, curve in enumerate(curves)]
+
+    records = {"astar": runs("astar", [[(0, 0.2), (10, 0.5), (20, 0.6)], [(0, 0.2), (30, 0.55)]], stage1_s=5.0),
+               "ppo": runs("ppo", [[(0, 0.2), (20, 0.5)], [(0, 0.2), (25, 0.4), (40, 0.6)]])}
+    # target 0.5: astar at 10 s and 30 s, ppo at 20 s and 40 s
+    est, why = ratio(records, "time_ratio_astar_vs_ppo_no_stage1", 0.5)
+    assert why == "" and est.value == pytest.approx(40 / 60) and est.n == 2
+    # resampled seed pairs: (0, 0) gives 10/20, (1, 1) gives 30/40, each about a quarter of the resamples
+    assert (est.low, est.high) == (pytest.approx(0.5), pytest.approx(0.75))
+    assert ratio(records, "time_ratio_astar_vs_ppo", 0.5)[0].value == pytest.approx((15 + 35) / 60)
+    assert ratio(records, "final_accuracy_ratio_astar_vs_ppo", 0.5)[0].value == pytest.approx(1.15 / 1.1)
+    assert ratio(records, "train_time_ratio_astar_vs_ppo", 0.5)[0].value == pytest.approx(1.0)
+    # astar's seed 1 peaks at 0.55, ppo's seed 0 at 0.5
+    assert ratio(records, "time_ratio_astar_vs_ppo", 0.58) == (None, "target not reached by astar (seeds 1) and "
+                                                                     "ppo (seeds 0)")
+    assert ratio(records, "time_ratio_astar_vs_grpo", 0.5) == (None, "grpo not run")
+    # at or below the start, every run reaches the target at 0 s
+    assert ratio(records, "time_ratio_astar_vs_ppo_no_stage1", 0.2) == (None, "ppo was at the target before "
+                                                                            "training in every seed")
 
 
 def test_run_child_reports_the_child_peak_not_the_parent(tmp_path):
@@ -179,3 +460,35 @@ def test_run_child_reports_the_child_peak_not_the_parent(tmp_path):
     assert 1 < peak < 300, peak
     with pytest.raises(RuntimeError, match="failed with exit code 2"):
         run_child("frugalrl.cli", ["no-such-command"], tmp_path / "bad.log")
+
+
+def test_source_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch):
+    from frugalrl.bench import report
+
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    code, page = repo / "report.py", repo / "results" / "page.md"
+    code.write_text("a\n")
+    page.write_text("old\n")
+    monkeypatch.setattr(report, "__file__", str(code))  # as if frugalrl ran from this checkout
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    assert report.source_commit() == "unknown"  # report.py not tracked: not frugalrl's checkout
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    head = git("rev-parse", "--short", "HEAD")
+    assert report.source_commit() == head
+    page.write_text("new\n")  # a bench rewrote its page: not a change of the code
+    assert report.source_commit(repo / "results") == head
+    assert report.source_commit() == f"{head} (with uncommitted changes)"
+    code.write_text("b\n")
+    assert report.source_commit(repo / "results") == f"{head} (with uncommitted changes)"
+    (repo / "new.py").write_text("")  # untracked files do not count
+    git("checkout", "-q", "--", "report.py")
+    assert report.source_commit(repo / "results") == head
+    monkeypatch.setattr(report, "__file__", str(tmp_path / "report.py"))
+    assert report.source_commit() == "unknown"  # outside a git checkout

@@ -11,6 +11,7 @@ def test_mean_ci_by_hand():
     assert (est.value, est.n) == (2.0, 3)
     assert est.low == pytest.approx(2 - 2.4843, abs=1e-4) and est.high == pytest.approx(2 + 2.4843, abs=1e-4)
     assert mean_ci([0.5]).low == mean_ci([0.5]).high == 0.5  # one value: no interval
+    assert mean_ci([0.5]).as_summary("a") == {"a": 0.5, "a_ci_low": None, "a_ci_high": None}
     assert t95(40) == 1.96 and t95(1) == 12.706
     with pytest.raises(ValueError):
         mean_ci([])

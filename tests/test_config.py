@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -366,11 +368,52 @@ def test_range_violations(override, bound):
     assert f"'{key}'" in msg and bound in msg and "got" in msg
 
 
-@pytest.mark.parametrize("override", [
-    "max_steps=1", "seed=-7", "save_every=0", "rollout.top_p=1", "rollout.top_p=0.01", "data.difficulty=1",
-    "data.difficulty=3", "rollout.group_size=1", "eval.pass_k=0", "max_wall_s=0", "algo.clip_low=0"])
-def test_range_boundaries_accepted(override):
-    load_config(overrides=[override, "algo.estimator=kae"])  # kae: group_size=1 is fine for it
+def option(cfg, key: str):
+    """The value of the dotted option ``key`` in ``cfg``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("override, value", [
+    ("max_steps=1", 1), ("seed=-7", -7), ("save_every=0", 0), ("rollout.top_p=1", 1.0), ("rollout.top_p=0.01", 0.01),
+    ("data.difficulty=1", 1), ("data.difficulty=3", 3), ("rollout.group_size=1", 1), ("eval.pass_k=0", 0),
+    ("max_wall_s=0", 0.0), ("algo.clip_low=0", 0.0)])
+def test_range_boundaries_accepted(override, value):
+    cfg = load_config(overrides=[override, "algo.estimator=kae"])  # kae: group_size=1 is fine for it
+    key = override.partition("=")[0]
+    assert option(cfg, key) == value and type(option(cfg, key)) is type(option(Config(), key))
+
+
+PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def yaml_options(tree: dict, prefix: str = "") -> dict:
+    """A preset's YAML as {dotted option: value}: sections and dotted keys both flattened."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in ALL_KEYS:
+            flat.update(yaml_options(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_presets_load_as_written(path):
+    """Every value a preset in configs/ sets, read back from the loaded config: none dropped,
+    none overwritten by a default."""
+    written = yaml_options(yaml.safe_load(path.read_text()))
+    assert written, f"{path.name} sets nothing"
+    cfg = load_config(path)
+    for key, value in written.items():
+        loaded = option(cfg, key)
+        if isinstance(loaded, float):  # YAML reads 1e-4 (no dot) as a string; the config coerces it
+            value = float(value)
+        elif isinstance(loaded, tuple):
+            loaded = list(loaded)
+        assert loaded == value, f"{path.name}: {key} is {loaded!r}, the file says {value!r}"
 
 
 def test_bad_base_is_rejected():

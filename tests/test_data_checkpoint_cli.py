@@ -1,7 +1,6 @@
 """Data loading, prompt schedule, atomic checkpoints and the command line."""
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -3,6 +3,7 @@ every loss the Learner builds, off-policy PPO updates, the frozen reference and 
 
 import pytest
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 from frugalrl.config import load_config
@@ -263,3 +264,158 @@ def test_old_logprobs_come_from_eval_mode_and_the_first_ratio_is_one(tiny_model_
     assert torch.equal(first, first_old)
     torch.testing.assert_close(second_old, expected_old)
     assert model.training
+
+
+# --- The gradient of one sample, against a loss written out by hand ------------------------------
+# The micro-batch tests above pass a consistently wrong sign or scale; these pin both. One
+# unpadded sequence, temperature 0.7, no gradient clipping; the reference loss is built from the
+# model's logits directly, not through ``forward_completions`` or ``losses``.
+
+SEQ_LEN = 4
+BUDGET = 8  # rollout.max_new_tokens: the normaliser of seq-mean-token-sum-norm
+ONE = [f"rollout.max_new_tokens={BUDGET}", "train.max_grad_norm=0"]
+
+
+def one_sample(tokenizer) -> Rollout:
+    """One sequence, no padding: a prompt and SEQ_LEN random completion tokens."""
+    prompt = tokenizer(["12+3="], return_tensors="pt")["input_ids"]
+    completion = torch.randint(10, 60, (1, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    return Rollout(prompt, torch.ones_like(prompt), completion, torch.ones(1, SEQ_LEN),
+                   torch.zeros(1, dtype=torch.bool), [""])
+
+
+def by_hand(model, rollout: Rollout, temperature: float = 0.7):
+    """(log-probs (T,), entropies (T,), last hidden states (T, H)) of the completion tokens."""
+    P = rollout.prompt_ids.shape[1]
+    out = model(input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1), output_hidden_states=True)
+    logp = (out.logits[0, P - 1:-1].float() / temperature).log_softmax(-1)
+    picked = logp.gather(-1, rollout.completion_ids[0, :, None]).squeeze(-1)
+    return picked, -(logp.exp() * logp).sum(-1), out.hidden_states[-1][0, P - 1:-1]
+
+
+def step_grads(learner, optimizer=None) -> list[Tensor]:
+    """Collects, at its next step, the gradient ``optimizer`` (the policy's by default) applies."""
+    seen = []
+    optimizer = optimizer or learner.optimizer
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.extend(
+        p.grad.clone() for group in opt.param_groups for p in group["params"]))
+    return seen
+
+
+def grads_of(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
+    """The reference gradient; taken before the update, which changes the weights in place."""
+    expected = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    assert sum(g.square().sum() for g in expected) > 1e-8, "a vanishing reference gradient tests nothing"
+    return expected
+
+
+def assert_grads(actual: list[Tensor], expected: tuple[Tensor, ...]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("agg, divisor", [("seq-mean-token-sum", 1), ("token-mean", SEQ_LEN),
+                                          ("seq-mean-token-mean", SEQ_LEN), ("seq-mean-token-sum-norm", BUDGET)])
+@pytest.mark.parametrize("advantage", [0.8, -1.5])
+def test_policy_gradient_of_one_sample(agg, divisor, advantage, tiny_model_dir, tokenizer):
+    """grad of -A * sum_t log pi(y_t) / divisor: the sample's log-prob rises exactly when A > 0."""
+    rollout = one_sample(tokenizer)
+    learner = make_learner(tiny_model_dir, [*ONE, f"algo.loss_agg={agg}"])
+    params = list(learner.model.parameters())
+    lp, _, _ = by_hand(learner.model, rollout)
+    expected = grads_of(-advantage * lp.sum() / divisor, params)
+    seen = step_grads(learner)
+    learner.update(rollout, torch.tensor([1.0]), torch.tensor([advantage]))
+    assert_grads(seen, expected)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_and_entropy_terms_of_one_sample(estimator, tiny_model_dir, tokenizer):
+    """loss = -A sum log pi + kl_coef * sum KL - entropy_coef * sum H, each term with its own sign:
+    the KL term pulls towards the reference, the entropy term raises the entropy."""
+    rollout, advantage, kl_coef, entropy_coef = one_sample(tokenizer), 0.3, 0.2, 0.05
+    learner = make_learner(tiny_model_dir, [*ONE, f"algo.kl_coef={kl_coef}", f"algo.kl_estimator={estimator}",
+                                            f"algo.entropy_coef={entropy_coef}"])
+    params = list(learner.model.parameters())
+    lp, entropy, _ = by_hand(learner.model, rollout)
+    with torch.no_grad():
+        ref, _, _ = by_hand(learner.reference, rollout)
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1  # >= 0, 0 where pi = pi_ref
+    assert k3.sum() > 1e-4, "the reference must differ from the policy for the KL term to act"
+    kl = (lp - ref) if estimator == "k1" else k3
+    expected = grads_of(-advantage * lp.sum() + kl_coef * kl.sum() - entropy_coef * entropy.sum(), params)
+    seen = step_grads(learner)
+    learner.update(rollout, torch.tensor([1.0]), torch.tensor([advantage]))
+    assert_grads(seen, expected)
+
+
+@pytest.mark.parametrize("overrides, measure, direction", [
+    (["algo.kl_coef=0.5"], "kl", -1),          # towards the reference
+    (["algo.entropy_coef=0.5"], "entropy", 1),  # more entropy
+])
+def test_kl_and_entropy_move_the_policy_their_way(overrides, measure, direction, tiny_model_dir, tokenizer):
+    """With A = 0 the sample is kept for these terms alone; a small step moves its KL to the
+    reference down and its entropy up."""
+    rollout = one_sample(tokenizer)
+    learner = make_learner(tiny_model_dir, [*ONE, *overrides])
+    learner.optimizer.param_groups[0]["lr"] = 1e-2
+
+    def value():
+        with torch.no_grad():
+            lp, entropy, _ = by_hand(learner.model, rollout)
+            if measure == "entropy":
+                return float(entropy.sum())
+            ref, _, _ = by_hand(learner.reference, rollout)
+            return float((torch.exp(ref - lp) - (ref - lp) - 1).sum())
+
+    before = value()
+    learner.update(rollout, torch.tensor([1.0]), torch.tensor([0.0]))
+    assert (value() - before) * direction > 0
+
+
+@pytest.mark.parametrize("advantage", [0.5, -0.5])
+def test_astar_gradient_of_one_sample(advantage, tiny_model_dir, tokenizer):
+    """A*-PO: grad of (beta2 * log(pi / pi_ref) - (r - V*))^2, log-probs summed over the
+    completion: 2 beta2 (beta2 log(pi / pi_ref) - A) grad log pi. Here |A| = 0.5 dwarfs
+    beta2 * log(pi / pi_ref), so the sample's log-prob rises exactly when A > 0."""
+    rollout, beta2 = one_sample(tokenizer), 0.1
+    learner = make_learner(tiny_model_dir, [*ONE, "algo.estimator=astar", "rollout.temperature=1",
+                                            f"algo.astar_beta2={beta2}"])
+    params = list(learner.model.parameters())
+    lp, _, _ = by_hand(learner.model, rollout, temperature=1.0)
+    with torch.no_grad():
+        ref, _, _ = by_hand(learner.reference, rollout, temperature=1.0)
+    log_ratio = lp.sum() - ref.sum()
+    assert abs(beta2 * float(log_ratio.detach())) < 0.2, "the sign claim above needs |A| > beta2 |log(pi / pi_ref)|"
+    scores = torch.autograd.grad(lp.sum(), params, retain_graph=True, materialize_grads=True)
+    expected = grads_of((beta2 * log_ratio - advantage) ** 2, params)
+    # the same gradient as a multiple of grad log pi, whose coefficient has the sign of -A
+    coef = 2 * beta2 * (beta2 * float(log_ratio.detach()) - advantage)
+    assert coef * advantage < 0
+    for e, score in zip(expected, scores):
+        torch.testing.assert_close(e, coef * score, atol=1e-7, rtol=1e-4)
+    seen = step_grads(learner)
+    learner.update(rollout, torch.tensor([1.0]), torch.tensor([advantage]))
+    assert_grads(seen, expected)
+
+
+def test_ppo_critic_and_policy_gradients_of_one_sample(tiny_model_dir, tokenizer):
+    """PPO (GAE, gamma = lambda = 1), first step: the critic's values V_t equal the old ones, so
+    the returns are r at every token and the per-token advantages r - V_t. The policy's gradient
+    is that of -sum_t (r - V_t) log pi(y_t); the critic's that of 0.5 sum_t (V_t - r)^2, so a
+    step of it brings the values closer to r."""
+    rollout, reward = one_sample(tokenizer), 1.0
+    learner = make_learner(tiny_model_dir, [*ONE, "algo.estimator=gae", "train.critic_lr=1e-3"])
+    params, critic_params = list(learner.model.parameters()), list(learner.critic.parameters())
+    lp, _, hidden = by_hand(learner.model, rollout)
+    values = learner.critic(hidden)
+    assert values.detach().abs().max() > 0.01, "a critic that predicts 0 would hide a sign error of V_t"
+    expected = grads_of(-((reward - values.detach()) * lp).sum(), params)
+    expected_critic = grads_of(0.5 * (values - reward).square().sum(), critic_params)
+    seen, seen_critic = step_grads(learner), step_grads(learner, learner.critic_optimizer)
+    learner.update(rollout, torch.tensor([reward]), torch.tensor([0.0]))
+    assert_grads(seen, expected)
+    assert_grads(seen_critic, expected_critic)
+    with torch.no_grad():  # on the same features: the critic's step alone
+        assert (learner.critic(hidden) - reward).square().sum() < (values - reward).square().sum()

@@ -3,7 +3,8 @@
 One module per bench, each with ``TRAIN_DEFAULTS`` (key=value pairs of the run config that
 suit it, applied before ``--config`` and the command line) and
 ``run(cfg, opts, command, console) -> dict`` (writes ``NAME.md``, ``NAME.png`` and merges
-its headline numbers, which it returns, into ``summary.json``; ``report.py``). Options
+its headline numbers, which it returns, into ``summary.json``; ``report.py``, which also
+puts the commit, the date and the bench's wall time on the page). Options
 prefixed ``bench.`` are the bench's own (``options.py``); every other ``key=value`` is an
 option of the run config, as for ``frugalrl train``.
 """
@@ -14,8 +15,8 @@ import importlib
 
 from rich.console import Console
 
+from frugalrl.bench import report
 from frugalrl.bench.options import OPTIONS
-from frugalrl.bench.report import command_line
 from frugalrl.config import ConfigError, format_help, load_config
 
 BENCHES = {
@@ -56,4 +57,5 @@ def run(name: str, config_path: str | None, overrides: list[str], console: Conso
     from frugalrl.models import cpu_threads
 
     with cpu_threads(cfg.threads):
-        return module.run(cfg, opts, command_line(name, config_path, overrides), console)
+        report.start(opts.results_dir)
+        return module.run(cfg, opts, report.command_line(name, config_path, overrides), console)

@@ -2,8 +2,9 @@
 
 Protocol of ``frugalrl bench grad``, along one real training run probed as ``probe.py``
 describes (the value bench's probing: the first ``bench.probes`` held-out prompts; every step,
-G fresh samples of each, for every G in ``bench.groups``, feed a KAE estimator of their own;
-every ``bench.every`` steps, a checkpoint: V_MC(x) from ``bench.mc_samples`` samples, and each
+G fresh samples of each, for every G in ``bench.groups``; KAE's history fed as
+``bench.kae_preset`` trains (``kae``) and every step (``kae_every_step``, the upper bound); every
+``bench.every`` steps, a checkpoint: V_MC(x) from ``bench.mc_samples`` samples, and each
 estimator's output for that step's G samples). The gradient work draws nothing from the shared
 random generator, so with the same run config the run and every probe sample are those of
 ``frugalrl bench value``.
@@ -18,6 +19,16 @@ completion's token log-probabilities at the sampling temperature (the per-sequen
   whitening rescale the advantage rather than centre it: they would change the gradient's
   length, not the baseline's error, so they are left out; GRPO as trained, (r - mean) / (std +
   eps), is one extra row (``grpo_scaled``).
+* The headline is the whole error against the true gradient grad J at the best step size
+  (below): all of the estimate's error, the cross term included, and not its length, which
+  AdamW's update does not see (a constant factor on every gradient leaves it unchanged).
+* The whole error at step size 1, E||g - grad J||^2, relative to ||grad J||^2, splits as
+  E||g - g_V||^2 (the error the baseline adds) + E||g_V - grad J||^2 (the sampling noise of the
+  gradient with V(x) as baseline, the same for every estimator) + 2 E[(g - g_V) . (g_V - grad J)],
+  a cross term that is 0 for a baseline unbiased and independent of the sample's own reward,
+  but not for a lagging history (KAE's, E[b] != V(x)) or a group or batch mean that holds the
+  sample's own reward. Per checkpoint, ||g||^2 - 2 g . grad J + ||grad J||^2 with the unbiased
+  estimates below; the cross term is what is left after the other two parts.
 * Against the Monte Carlo-baseline gradient g_MC = (1/N) sum_i (r_i - V_MC(x_i)) s_i of the same
   samples: the reward terms cancel, g - g_MC = (1/N) sum_i (V_MC(x_i) - b_i) s_i, one backward
   pass with those per-sample weights. MSE = mean over checkpoints of ||g - g_MC||^2 minus the
@@ -26,21 +37,27 @@ completion's token log-probabilities at the sampling temperature (the per-sequen
   (1/N^2) sum_x c_x ||S_x||^2, S_x the sum of probe x's G scores. The floor is estimated without
   bias by one more backward pass with weights e_x sqrt(c_x) (e_x = +-1 at random per probe):
   E_e ||(1/N) sum_x e_x sqrt(c_x) S_x||^2 = (1/N^2) sum_x c_x ||S_x||^2. Relative MSE: over
-  E||g_V||^2, the mean ||g_MC||^2 minus the same floor. This is the error the baseline adds; the
-  gradient's sampling noise, the same for every baseline, is not in it.
+  ||grad J||^2. This is the error the baseline adds, with neither the gradient's sampling noise
+  nor the cross term in it.
 * Against the true gradient grad J = (1/P) sum_x grad V(x) (what every unbiased estimator averages
   to), at the best step size: min over c of E||c g - grad J||^2 / ||grad J||^2 =
   1 - (E[g] . grad J)^2 / (E||g||^2 ||grad J||^2), the estimator's whole error (sampling noise
-  and bias included) with its length factored out, so GRPO as trained is compared too. A plain
-  MSE against grad J would reward any shrunk gradient where noise dominates: GRPO's group mean,
-  which holds the sample's own reward, gives exactly (G - 1) / G times RLOO's gradient (and
-  REINFORCE++'s batch mean (N - 1) / N times REINFORCE's), so those pairs agree here.
+  and bias included) with its length factored out, so GRPO as trained is compared too. The
+  error at step size 1 counts the length: where noise dominates it rewards a shrunk gradient,
+  and GRPO's group mean, which holds the sample's own reward, gives exactly (G - 1) / G times
+  RLOO's gradient (REINFORCE++'s batch mean (N - 1) / N times REINFORCE's); at the best step
+  size those pairs agree.
   grad J is estimated from the Monte Carlo samples: each probe's M samples split in two halves,
   each with its own leave-one-out baseline, give independent unbiased estimates g_A and g_B;
   then g . (g_A + g_B) / 2 estimates E[g] . grad J and g_A . g_B estimates ||grad J||^2, both
   without bias (g is independent of them). Each expectation is a mean over checkpoints (one
   step size for the whole run); n/a where the estimate of E||g||^2 or ||grad J||^2 is not
-  positive. The row ``v_mc`` is the gradient g_MC, its ||g_MC||^2 less the Monte Carlo floor.
+  positive. The row ``v_mc`` is the gradient g_MC, its ||g_MC||^2 less the Monte Carlo floor (so
+  g_V's).
+* Intervals (95 %): the checkpoints resampled with replacement, each estimator's figures paired
+  with GRPO's by checkpoint (the gradient errors are quadratic in the whole probe batch, so probes
+  cannot be resampled without a gradient per probe): ``stats.ratio_ci`` for ratios of
+  per-checkpoint means, a bootstrap of the whole figure for the best step size.
 * The floor, and g_A and g_B being unbiased, rest on E[s_i] = 0, i.e. on samples drawn from the
   tempered policy whose log-probabilities are differentiated: top_p = 1, the default.
 * Cost: per G and checkpoint, one forward and (estimators + 3) backward passes over the N
@@ -52,16 +69,19 @@ completion's token log-probabilities at the sampling temperature (the per-sequen
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from rich.console import Console
 from torch import Tensor
 
 from frugalrl.bench.options import GradOptions
-from frugalrl.bench.probe import (ESTIMATORS, RUN_DEFAULTS, Group, Probe, Samples, check_groups, describe_run, figure,
-                                  load_probes, mean, plot_by_group, train_probed, trajectory)
+from frugalrl.bench.probe import (ESTIMATORS, EVERY_STEP, RUN_DEFAULTS, Group, Probe, Samples, check_groups,
+                                  describe_run, figure, load_probes, mean, plot_by_group, ratio_line, ratio_summary,
+                                  train_probed, trajectory)
+from frugalrl.bench.stats import Estimate, ratio_ci
 from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
 from frugalrl.distributed import private_rng
@@ -104,18 +124,16 @@ class GradProbe(Probe):
 
     Per checkpoint, rows by (name, G) (``grpo_scaled`` included; ``v_mc`` in the ``true_*``
     ones): ``mc_err`` ||g - g_MC||^2, ``true_dot`` g . g_J, ``true_sq`` ||g||^2; by G:
-    ``mc_floor`` the Monte Carlo floor's one-draw estimate, ``mc_norm`` ||g_MC||^2; and
-    ``true_norm`` g_A . g_B.
+    ``mc_floor`` the Monte Carlo floor's one-draw estimate; and ``true_norm`` g_A . g_B.
     """
 
-    def __init__(self, cfg: Config, opts: GradOptions, tokenizer, rows: list[dict], reward_fn):
-        super().__init__(cfg, opts, tokenizer, rows, reward_fn)
+    def __init__(self, cfg: Config, opts: GradOptions, tokenizer, rows: list[dict], reward_fn, pool: int):
+        super().__init__(cfg, opts, tokenizer, rows, reward_fn, pool)
         self.signs = torch.Generator().manual_seed(cfg.seed)  # the floor's random signs, apart from the run's RNG
         self.mc_err: dict[tuple[str, int], list[float]] = {}
         self.true_dot: dict[tuple[str, int], list[float]] = {}
         self.true_sq: dict[tuple[str, int], list[float]] = {}
         self.mc_floor: dict[int, list[float]] = {}
-        self.mc_norm: dict[int, list[float]] = {}
         self.true_norm: list[float] = []
 
     def _grads(self, model, samples: Samples, weights: Tensor) -> Tensor:
@@ -153,7 +171,6 @@ class GradProbe(Probe):
         floor = grads.pop("floor")
         self.mc_floor.setdefault(G, []).append(_dot(floor, floor))
         g_mc = grads[ORACLE]
-        self.mc_norm.setdefault(G, []).append(_dot(g_mc, g_mc))
         for name, grad in grads.items():
             g = grad if name == ORACLE else grad + g_mc  # g = (g - g_MC) + g_MC
             if name != ORACLE:
@@ -161,100 +178,171 @@ class GradProbe(Probe):
             self.true_dot.setdefault((name, G), []).append(_dot(g, g_true))
             self.true_sq.setdefault((name, G), []).append(_dot(g, g))
 
-    def mc_mse(self, name: str, G: int) -> float | None:
-        """E||g - g_V||^2: the gradient error the baseline adds; None where there is no baseline."""
-        errs = self.mc_err.get((name, G))
-        return None if not errs else mean(errs) - mean(self.mc_floor[G])
-
-    def mc_relative(self, name: str, G: int) -> float | None:
-        """mc_mse / E||g_V||^2; None where there is no baseline or that norm's estimate is not positive."""
-        mse, norm = self.mc_mse(name, G), self.v_norm(G)
-        return None if mse is None or norm <= 0 else mse / norm
-
-    def v_norm(self, G: int) -> float:
-        """E||g_V||^2, the squared norm of the gradient with V(x) as baseline."""
-        return mean(self.mc_norm[G]) - mean(self.mc_floor[G])
-
-    def true_relative(self, name: str, G: int) -> float | None:
-        """min over c of E||c g - grad J||^2 / ||grad J||^2; None where there is no such gradient
-        or the estimate of E||g||^2 or of ||grad J||^2 is not positive."""
+    def whole(self, name: str, G: int) -> list[float] | None:
+        """Per checkpoint, an unbiased estimate of ||g - grad J||^2 = ||g||^2 - 2 g . grad J +
+        ||grad J||^2 (for ``v_mc`` less the floor: g_V's); None where there is no such gradient."""
         dots = self.true_dot.get((name, G))
         if not dots:
             return None
-        sq = mean(self.true_sq[(name, G)]) - (mean(self.mc_floor[G]) if name == ORACLE else 0.0)
+        floors = self.mc_floor[G] if name == ORACLE else [0.0] * len(dots)
+        return [sq - floor - 2 * dot + norm
+                for sq, floor, dot, norm in zip(self.true_sq[(name, G)], floors, dots, self.true_norm)]
+
+    def baseline_err(self, name: str, G: int) -> list[float] | None:
+        """Per checkpoint, ||g - g_MC||^2 less the floor, which estimates E||g - g_V||^2: the error
+        the baseline adds; None where there is no baseline."""
+        errs = self.mc_err.get((name, G))
+        return None if not errs else [err - floor for err, floor in zip(errs, self.mc_floor[G])]
+
+    def cross(self, name: str, G: int) -> list[float] | None:
+        """Per checkpoint, 2 (g - g_V) . (g_V - grad J): the whole error less the baseline's and
+        g_V's own; None where there is no baseline."""
+        whole, err = self.whole(name, G), self.baseline_err(name, G)
+        if whole is None or err is None:
+            return None
+        return [w - e - v for w, e, v in zip(whole, err, self.whole(ORACLE, G))]
+
+    def relative(self, per_checkpoint: list[float] | None) -> float | None:
+        """The mean of a per-checkpoint measure over ||grad J||^2; None where there is no measure
+        or the estimate of ||grad J||^2 is not positive."""
         norm = mean(self.true_norm)
-        return 1.0 - mean(dots) ** 2 / (sq * norm) if sq > 0 and norm > 0 else None
+        return None if per_checkpoint is None or norm <= 0 else mean(per_checkpoint) / norm
+
+    def true_relative(self, name: str, G: int, pick: np.ndarray | None = None) -> float | None:
+        """min over c of E||c g - grad J||^2 / ||grad J||^2, the expectations over the checkpoints
+        ``pick`` (indices, repeats allowed; default all); None where there is no such gradient or
+        the estimate of E||g||^2 or of ||grad J||^2 is not positive."""
+        dots = self.true_dot.get((name, G))
+        if not dots:
+            return None
+        pick = np.arange(len(dots)) if pick is None else pick
+
+        def over(values: list[float]) -> float:
+            return float(np.asarray(values)[pick].mean())
+
+        sq = over(self.true_sq[(name, G)]) - (over(self.mc_floor[G]) if name == ORACLE else 0.0)
+        norm = over(self.true_norm)
+        return 1.0 - over(dots) ** 2 / (sq * norm) if sq > 0 and norm > 0 else None
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
     return torch.dot(a.double(), b.double()).item()
 
 
+def _checkpoint_bootstrap(statistic: Callable[[np.ndarray], float | None], n: int, resamples: int = 4000,
+                          seed: int = 0) -> Estimate | None:
+    """``statistic`` of all n checkpoints (it takes their indices) with a 95 % percentile interval
+    from resampling the checkpoints with replacement (resamples where it has no value dropped);
+    None where it has no value. For figures that are not a ratio of means (``stats.ratio_ci``)."""
+    value = statistic(np.arange(n))
+    if value is None:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = [d for d in (statistic(rng.integers(0, n, n)) for _ in range(resamples)) if d is not None]
+    if n < 2 or not draws:
+        return Estimate(value, value, value, n)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Estimate(value, float(low), float(high), n)
+
+
+def _quotient(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
 # summary key prefix: (GradProbe measure, estimator it is divided by, what the page calls the ratio)
 _HEADLINES = {
-    "grad_mse_ratio_kae_vs_grpo": ("mc_mse", "grpo", "kae / grpo, gradient error from the baseline"),
     "grad_total_mse_ratio_kae_vs_grpo": ("true_relative", "grpo", "kae / grpo, whole error at the best step size"),
     "grad_total_mse_ratio_kae_vs_grpo_scaled": (
         "true_relative", GRPO_SCALED, "kae / GRPO as trained (grpo_scaled), whole error at the best step size"),
+    "grad_whole_mse_ratio_kae_vs_grpo": ("whole", "grpo", "kae / grpo, whole error E‖g − ∇J‖² at step size 1"),
+    "grad_mse_ratio_kae_vs_grpo": (
+        "baseline_err", "grpo", "kae / grpo, the error the baseline adds E‖g − g_V‖² (no cross term)"),
 }
+HEADLINE = "grad_total_mse_ratio_kae_vs_grpo"
 
 
-def _ratios(measure, against: str, groups: list[int]) -> dict[int, float]:
-    """kae / ``against`` of ``measure(name, G)`` at G = 2 and 4, where both exist."""
-    return {G: measure("kae", G) / measure(against, G) for G in (2, 4) if G in groups and measure(against, G)}
+def measure_ratio(probe: GradProbe, measure: str, name: str, against: str, G: int) -> Estimate | None:
+    """``measure`` of ``name`` over ``against``'s at G, with a 95 % interval from resampling the
+    checkpoints (the two paired by checkpoint); None where either has no value or the
+    denominator is 0. Per-checkpoint measures are a ratio of means (``ratio_ci``); the best-step
+    error (``true_relative``) is not, and is bootstrapped whole."""
+    if measure == "true_relative":
+        return _checkpoint_bootstrap(lambda pick: _quotient(probe.true_relative(name, G, pick),
+                                                            probe.true_relative(against, G, pick)),
+                                     len(probe.checkpoints))
+    num, den = getattr(probe, measure)(name, G), getattr(probe, measure)(against, G)
+    if num is None or den is None or mean(den) == 0:
+        return None
+    return ratio_ci(num, den, paired=True)
 
 
 def run(cfg: Config, opts: GradOptions, command: str, console: Console) -> dict:
     """Train as ``cfg`` says while probing; write grad.md and grad.png; merge the kae / grpo
-    gradient-MSE ratios at G = 2 and 4 (``_HEADLINES``) into summary.json and return them."""
+    gradient-error ratios at G = 2 and 4 (``_HEADLINES``; the headline also for
+    ``kae_every_step``) with their intervals into summary.json and return them."""
     check_groups(opts)
-    t0 = time.perf_counter()
     task, rows, reference, tokenizer = load_probes(cfg, opts, console)
     del reference  # train() loads its own copy of the starting model
-    probe = GradProbe(cfg, opts, tokenizer, rows, task.reward_fn)
+    probe = GradProbe(cfg, opts, tokenizer, rows, task.reward_fn, len(task.train_rows))
     result = train_probed(cfg, opts, console, probe)
-    wall = time.perf_counter() - t0
 
     groups = sorted(set(opts.groups))
-    ratios = {key: _ratios(getattr(probe, measure), against, groups)
+    ratios = {key: {G: r for G in (2, 4) if G in groups and (r := measure_ratio(probe, measure, "kae", against, G))}
               for key, (measure, against, _) in _HEADLINES.items()}
+    every_step = {G: r for G in (2, 4)
+                  if G in groups and (r := measure_ratio(probe, _HEADLINES[HEADLINE][0], EVERY_STEP, "grpo", G))}
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     with figure(results_dir / "grad.png", 2) as (left, right):
-        plot_by_group(left, {name: [(G, probe.mc_relative(name, G)) for G in groups] for name in _ROWS_MC}, groups,
-                      "||g - g_V||^2 / ||g_V||^2", f"error from the baseline ({cfg.algo.estimator} run, "
-                      f"{len(probe.checkpoints)} checkpoints x {opts.probes} probes)")
-        plot_by_group(right, {name: [(G, probe.true_relative(name, G)) for G in groups] for name in _ROWS_TRUE},
-                      groups, "min_c ||c g - grad J||^2 / ||grad J||^2", "whole error, at the best step size",
+        plot_by_group(left, {name: [(G, probe.true_relative(name, G)) for G in groups] for name in _ROWS_TRUE},
+                      groups, "min_c ||c g - grad J||^2 / ||grad J||^2", f"whole error, at the best step size "
+                      f"({cfg.algo.estimator} run, {len(probe.checkpoints)} checkpoints x {opts.probes} probes)",
                       yscale="linear")
+        plot_by_group(right, {name: [(G, probe.relative(probe.whole(name, G))) for G in groups] for name in _ROWS_TRUE},
+                      groups, "E||g - grad J||^2 / ||grad J||^2", "whole error, at step size 1")
     header = ["estimator (baseline)", *(f"G={G}" for G in groups)]
-    mc_table = table(header, [[f"{name} ({what})", *(fmt(probe.mc_relative(name, G)) for G in groups)]
-                              for name, what in _ROWS_MC.items()]
-                     + [["E‖g_V‖² (the denominator)", *(fmt(probe.v_norm(G)) for G in groups)],
-                        ["Monte Carlo floor (subtracted)", *(fmt(mean(probe.mc_floor[G])) for G in groups)]])
-    true_table = table(header, [[f"{name} ({what})", *(fmt(probe.true_relative(name, G)) for G in groups)]
-                                for name, what in _ROWS_TRUE.items()])
-    ratio_lines = {key: f"{label}: " + (", ".join(f"G={G}: {fmt(r, 3)}" for G, r in ratios[key].items()) or "n/a")
-                   for key, (_, _, label) in _HEADLINES.items()}
+
+    def rows_of(names: dict[str, str], figure_of) -> list[list[str]]:
+        return [[f"{name} ({what})", *(fmt(figure_of(name, G)) for G in groups)] for name, what in names.items()]
+
+    whole_table = table(header, rows_of(_ROWS_TRUE, lambda name, G: probe.relative(probe.whole(name, G))))
+    baseline_table = table(header, rows_of(_ROWS_MC, lambda name, G: probe.relative(probe.baseline_err(name, G)))
+                           + [["Monte Carlo floor (subtracted)",
+                               *(fmt(probe.relative(probe.mc_floor[G])) for G in groups)]])
+    cross_table = table(header, rows_of(_ROWS_MC, lambda name, G: probe.relative(probe.cross(name, G))))
+    true_table = table(header, rows_of(_ROWS_TRUE, probe.true_relative))
+    ratio_lines = {key: f"{label}: {ratio_line(ratios[key])}" for key, (_, _, label) in _HEADLINES.items()}
     sections = [
         f"Policy-gradient error of each estimator on the probe samples of {describe_run(cfg, opts, probe, result)}. "
-        "Each gradient is (1/N) Σ (r − b) ∇log π (seq-mean-token-sum) with the estimator's own baseline b, so "
-        "that estimators differ by their baselines only: GRPO's std division and REINFORCE++'s whitening "
-        "rescale rather than centre; GRPO as trained is one extra row. Protocol: `src/frugalrl/bench/grad.py`.",
-        "**The error the baseline adds**: MSE against the gradient with V_MC(x) as baseline on the same samples, "
-        "relative to E‖g_V‖², the Monte Carlo noise floor subtracted:\n\n" + mc_table,
+        f"KAE's history: {probe.schedule()}. Each gradient is (1/N) Σ (r − b) ∇log π (seq-mean-token-sum) with "
+        "the estimator's own baseline b, so that estimators differ by their baselines only: GRPO's std division "
+        "and REINFORCE++'s whitening rescale rather than centre; GRPO as trained is one extra row. Every figure "
+        "is over ‖∇J‖², the squared norm of the true gradient, estimated from the Monte Carlo samples in two "
+        f"halves (≈ {fmt(mean(probe.true_norm))}). Intervals: 95 %, the {len(probe.checkpoints)} checkpoints "
+        "resampled. Protocol: `src/frugalrl/bench/grad.py`.",
+        "**The whole error, at the best step size** (the headline): min over c of E‖c·g − ∇J‖² / ‖∇J‖² = "
+        "1 − (E g·∇J)² / (E‖g‖² ‖∇J‖²), everything by which the gradient misses ∇J (sampling noise, the "
+        "baseline's error and their cross term) but its length, which AdamW's update does not see. GRPO's group "
+        "mean gives exactly (G − 1)/G times RLOO's gradient, REINFORCE++'s batch mean (N − 1)/N times "
+        "REINFORCE's, so those rows agree here:\n\n" + true_table,
+        "; ".join(ratio_lines[key] for key in (HEADLINE, "grad_total_mse_ratio_kae_vs_grpo_scaled"))
+        + f". Upper bound, every probe at every step (best case for KAE), {EVERY_STEP} / grpo: "
+        + ratio_line(every_step) + ".",
+        "**The whole error at step size 1**, E‖g − ∇J‖² / ‖∇J‖², counts the gradient's length too: where "
+        "noise dominates, a shorter gradient (GRPO's group mean at small G) scores better:\n\n" + whole_table,
+        ratio_lines["grad_whole_mse_ratio_kae_vs_grpo"] + ".",
+        "**Its parts**: E‖g − ∇J‖² = E‖g − g_V‖² + E‖g_V − ∇J‖² + 2 E[(g − g_V)·(g_V − ∇J)], g_V the gradient "
+        "with V(x) as baseline on the same samples (its error is the `v_mc` row above: sampling noise, the "
+        "same for every baseline). The error the baseline adds, E‖g − g_V‖², against g_MC with the Monte Carlo "
+        "noise floor subtracted:\n\n" + baseline_table,
         ratio_lines["grad_mse_ratio_kae_vs_grpo"] + ".",
-        "**The whole error, at the best step size**: min over c of E‖c·g − ∇J‖² / ‖∇J‖² = 1 − (E g·∇J)² / "
-        "(E‖g‖² ‖∇J‖²), ∇J the true gradient, estimated from the Monte Carlo samples in two halves (‖∇J‖² ≈ "
-        f"{fmt(mean(probe.true_norm))}). Sampling noise and bias are in it, the gradient's length is not: a "
-        "plain MSE would favour any shrunk gradient, and GRPO's group mean gives exactly (G − 1)/G times RLOO's "
-        "gradient, REINFORCE++'s batch mean (N − 1)/N times REINFORCE's (so those rows agree here):\n\n"
-        + true_table,
-        "; ".join(ratio_lines[key] for key in ("grad_total_mse_ratio_kae_vs_grpo",
-                                               "grad_total_mse_ratio_kae_vs_grpo_scaled")) + ".",
+        "The cross term 2 E[(g − g_V)·(g_V − ∇J)]: 0 for a baseline that is unbiased and independent of the "
+        "sample's own reward, not for a lagging history or a group or batch mean that holds the sample's own "
+        "reward:\n\n" + cross_table,
         trajectory(probe),
-        f"Bench wall time: {wall:.0f} s ({torch.get_num_threads()} torch threads).",
+        f"Torch threads: {torch.get_num_threads()}.",
     ]
-    summary = {f"{key}_g{G}": r for key, per_g in ratios.items() for G, r in per_g.items()}
+    summary = {k: v for key, per_g in ratios.items() for k, v in ratio_summary(key, per_g).items()}
+    summary.update(ratio_summary(HEADLINE, every_step, "_every_step"))
     return publish(results_dir, "grad", "Grad bench: policy-gradient error per estimator", command, sections, summary,
                    console)

@@ -18,6 +18,8 @@ class ValueOptions:
     mc_samples: int = opt(64, "samples per probe prompt for its Monte Carlo value V(x) at each checkpoint", min=2)
     every: int = opt(10, "a checkpoint (V(x) and every estimator's baseline) every N training steps", min=1)
     groups: list[int] = opt([1, 2, 4, 8], "group sizes G to compare")
+    kae_preset: str = opt("configs/kae.yaml", "the KAE preset measured: its algo.kae_* options, and its prompt "
+                          "schedule (rollout.batch_prompts, data.sticky_steps) over the run's training pool")
     results_dir: str = opt("bench/results", "where value.md, value.png and summary.json are written")
 
 
@@ -45,9 +47,12 @@ class RolloutOptions:
 class TrainOptions:
     runs: list[str] = opt(["grpo", "grpo_g8", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar", "dash",
                            "ppo"], "runs to make: presets of configs/ by name, and grpo_g8 (GRPO, 32 prompts x G=8)")
-    seeds: list[int] = opt([0, 1, 2], "seeds of every run")
-    samples: int = opt(38400, "sampled completions each run trains on (its steps: this / completions per step)",
-                       min=1)
+    seeds: list[int] = opt([0, 1, 2, 3, 4], "seeds of every run")
+    samples: int = opt(38400, "sampled completions each run trains on (its steps: this / completions per step, "
+                       "a whole number for every run)", min=1)
+    eval_every_samples: int = opt(2560, "held-out accuracy read every N sampled completions, the same for every "
+                                  "run (its eval_every: N / completions per step, a whole number for every run)",
+                                  min=1)
     target_run: str = opt("grpo_g8", "the run whose mean final accuracy sets the target accuracy")
     target_frac: float = opt(0.9, "target = start + target_frac x (target_run's final accuracy - start)", gt=0, max=1)
     configs_dir: str = opt("configs", "where the presets are (the repository's configs/)")
@@ -59,7 +64,8 @@ class PeerOptions:
     steps: int = opt(50, "training steps of every run, on both sides (so both sample steps x P x G completions)",
                      min=2)
     warmup: int = opt(2, "first steps of each run left out of its seconds per step", min=1)
-    rounds: int = opt(2, "rounds, each a frugalrl run then a TRL run (median reported)", min=1)
+    rounds: int = opt(5, "rounds, each a frugalrl run then a TRL run, round i at seed + i on both sides (means with "
+                      "95 % intervals reported)", min=1)
     results_dir: str = opt("bench/results", "where peer.md, peer.png and summary.json are written")
 
 

@@ -27,14 +27,24 @@ Protocol of ``frugalrl bench peer``:
   RSS (its VmHWM, ``report.run_child``; start-up to exit: imports, data, model, training, saving
   the final model) is its own. Both sides import frugalrl's loaders (torch, transformers,
   matplotlib); TRL's also imports trl, datasets and accelerate. Runs alternate frugalrl, TRL,
-  frugalrl, TRL, ... for ``bench.rounds`` rounds, all with the run config's seed and, by default,
-  one torch thread each (``threads=1``: see ``TRAIN_DEFAULTS``).
+  frugalrl, TRL, ... for ``bench.rounds`` rounds, by default with one torch thread each
+  (``threads=1``: see ``TRAIN_DEFAULTS``). Round i (0, 1, ...) runs both sides with seed
+  ``seed`` + i: the same seed for the pair, another for each round, so that the rounds are
+  independent draws of the training noise and the spread over them is an error bar. The data
+  split stays the first round's (``data.seed`` pinned), so no round trains on held-out prompts.
 * Seconds per step: each run timestamps the end of every step (perf_counter); s/step =
   (t_N - t_w) / (N - w), leaving out the first w = ``bench.warmup`` steps (lazy initialisation,
-  allocator growth). The median over rounds is reported, and the median peak RSS.
+  allocator growth).
 * Accuracy after equal samples: both sides sample N x P x G completions; each run's final model
   (``save_pretrained``) is evaluated by frugalrl in the bench's process (``evaluation.evaluate``:
-  greedy, the held-out split), mean over rounds, next to the starting model's accuracy.
+  greedy, the held-out split), next to the starting model's accuracy.
+* Statistics: each side's figure is its mean over rounds with a 95 % Student-t interval
+  (``stats.mean_ci``); the frugalrl / TRL ratios of seconds per step and peak RSS are ratios of
+  those means with a 95 % bootstrap interval resampling rounds as pairs (``stats.ratio_ci``);
+  the accuracy gap is the mean of the per-round differences with its t interval. One round
+  gives no interval (null bounds in summary.json).
+* TRL's settings on the page are read back from the ``GRPOConfig`` each TRL run trained with
+  (``trl_settings``, after ``GRPOTrainer`` was built), not from the run config.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from importlib.metadata import version
 from pathlib import Path
 
@@ -55,9 +66,10 @@ from rich.console import Console
 
 from frugalrl import checkpoint
 from frugalrl.bench.options import PeerOptions
-from frugalrl.bench.report import fmt, publish, run_child, table
+from frugalrl.bench.report import publish, run_child, table
+from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
 from frugalrl.config import Config, load_config, save_config
-from frugalrl.data import Task
+from frugalrl.data import Task, data_seed
 from frugalrl.evaluation import evaluate, score
 from frugalrl.models import cpu_threads, load_policy, policy_device, resolve_model_path
 from frugalrl.trainer import load_inputs, set_seed, train
@@ -78,6 +90,12 @@ SAME_AS_TRL = {"algo.kl_coef": 0.0, "algo.entropy_coef": 0.0, "train.ppo_epochs"
                "train.filter_threshold": 0.0, "lora.r": 0, "data.sticky_steps": 1, "rollout.backend": "hf"}
 # keyword arguments TRL gives reward functions besides the dataset's columns
 _TRL_REWARD_ARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+# the GRPOConfig fields the page shows, read back from each TRL run (``trl_settings``)
+TRL_SHOWN = ("loss_type", "scale_rewards", "beta", "num_iterations", "epsilon", "num_generations",
+             "generation_batch_size", "steps_per_generation", "per_device_train_batch_size",
+             "gradient_accumulation_steps", "max_completion_length", "temperature", "top_p", "top_k", "learning_rate",
+             "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "use_vllm", "bf16", "fp16",
+             "gradient_checkpointing", "max_steps", "seed")
 
 
 def trl_loss(cfg: Config) -> tuple[str, str]:
@@ -99,14 +117,27 @@ def trl_loss(cfg: Config) -> tuple[str, str]:
     return LOSS_TYPES[cfg.algo.loss_agg], SCALE_REWARDS[cfg.algo.estimator]
 
 
+def trl_settings(args) -> dict:
+    """The ``TRL_SHOWN`` fields of TRL's GRPOConfig ``args`` as JSON values (an enum as its value)."""
+    values = {key: getattr(args, key) for key in TRL_SHOWN}
+    return {key: v.value if isinstance(v, Enum) else v for key, v in values.items()}
+
+
+def trl_settings_line(settings: dict) -> str:
+    """The page's list of TRL's settings (``trl_settings``), the seed left out: it changes per round."""
+    return ", ".join(f"`{key}={value!r}`" for key, value in settings.items() if key != "seed")
+
+
 @dataclass
 class Record:
     """What a run reports: ``step_end_s``, the perf_counter time (s) at the end of each step;
-    ``reward_mean``, each step's mean sampled reward; ``completions``, the completions sampled."""
+    ``reward_mean``, each step's mean sampled reward; ``completions``, the completions sampled;
+    ``trl_settings``, the GRPOConfig a TRL run trained with (``trl_settings``; empty for frugalrl)."""
 
     step_end_s: list[float] = field(default_factory=list)
     reward_mean: list[float] = field(default_factory=list)
     completions: int = 0
+    trl_settings: dict = field(default_factory=dict)
 
     def sampled(self, rewards: torch.Tensor) -> None:
         self.reward_mean.append(rewards.mean().item())
@@ -170,6 +201,7 @@ def _train_trl(cfg: Config, console: Console) -> Record:
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(task.train_rows),
                           processing_class=tokenizer, callbacks=[StepEnd()])
+    record.trl_settings = trl_settings(trainer.args)
     trainer.train()
     checkpoint.save_model(Path(cfg.output_dir) / "model", trainer.model, tokenizer)
     return record
@@ -180,14 +212,17 @@ _TRAINERS = {"frugalrl": _train_frugalrl, "trl": _train_trl}
 
 @dataclass
 class Run:
-    """One finished run, as the bench reads it."""
+    """One finished run, as the bench reads it: ``seed``, the run config's seed it trained with;
+    ``trl_settings``, its Record's (TRL runs only)."""
 
+    seed: int
     s_per_step: float
     peak_rss_mb: float
     completions: int
     accuracy: float
     reward_first: float
     reward_last: float
+    trl_settings: dict
 
 
 def _run(side: str, cfg: Config, run_dir: Path, warmup: int, task: Task) -> Run:
@@ -206,40 +241,40 @@ def _run(side: str, cfg: Config, run_dir: Path, warmup: int, task: Task) -> Run:
     model, tokenizer = load_policy(replace(cfg, model=replace(cfg.model, name_or_path=str(run_dir / "model"))))
     accuracy = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
                         max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
-    return Run((t[-1] - t[warmup - 1]) / (len(t) - warmup), rss, record.completions, accuracy,
-               record.reward_mean[0], record.reward_mean[-1])
+    return Run(cfg.seed, (t[-1] - t[warmup - 1]) / (len(t) - warmup), rss, record.completions, accuracy,
+               record.reward_mean[0], record.reward_mean[-1], record.trl_settings)
 
 
 @dataclass
 class SideStats:
-    """A side's runs over the rounds: medians of time and memory, means of accuracy and reward."""
+    """A side's runs, one per round."""
 
     runs: list[Run]
 
-    def median(self, name: str) -> float:
-        return statistics.median(getattr(r, name) for r in self.runs)
+    def values(self, name: str) -> list[float]:
+        return [getattr(r, name) for r in self.runs]
 
-    def mean(self, name: str) -> float:
-        return statistics.fmean(getattr(r, name) for r in self.runs)
+    def estimate(self, name: str) -> Estimate:
+        """The mean over rounds with its 95 % interval."""
+        return mean_ci(self.values(name))
 
 
-def _plot(stats: dict[str, SideStats], start: float, path: Path, title: str) -> None:
+def _plot(estimates: list[tuple[str, dict[str, Estimate]]], start: float, path: Path, title: str) -> None:
+    """One bar chart per figure (``estimates``: (y label, side -> Estimate)), error bars the 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    labels = [SIDES[side] for side in stats]
-    for ax, (values, ylabel) in zip(axes, [
-            ([s.median("s_per_step") for s in stats.values()], "seconds per step"),
-            ([s.median("peak_rss_mb") for s in stats.values()], "peak RSS (MB)"),
-            ([s.mean("accuracy") for s in stats.values()], "held-out accuracy after")]):
-        ax.bar(labels, values, color=["tab:blue", "tab:orange"])
+    fig, axes = plt.subplots(1, len(estimates), figsize=(3 * len(estimates), 3.4))
+    for ax, (ylabel, by_side) in zip(axes, estimates):
+        values = [e.value for e in by_side.values()]
+        errors = [[e.value - e.low for e in by_side.values()], [e.high - e.value for e in by_side.values()]]
+        ax.bar([SIDES[side] for side in by_side], values, yerr=errors, capsize=4, color=["tab:blue", "tab:orange"])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
-    axes[2].axhline(start, ls="--", color="grey", label="start")
-    axes[2].legend(fontsize=8)
+    axes[-1].axhline(start, ls="--", color="grey", label="start")
+    axes[-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -248,73 +283,89 @@ def _plot(stats: dict[str, SideStats], start: float, path: Path, title: str) -> 
 
 def run(cfg: Config, opts: PeerOptions, command: str, console: Console) -> dict:
     """Alternate frugalrl and TRL runs; write peer.md and peer.png; merge the ours/TRL ratios of
-    seconds per step and peak RSS (and the raw numbers, ``peer_*``) into summary.json and return them."""
+    seconds per step and peak RSS with their intervals (and each side's figures, ``peer_*``) into
+    summary.json and return them."""
     if importlib.util.find_spec("trl") is None:
         raise ValueError("bench peer needs TRL: pip install 'frugalrl[bench]'")
     if opts.steps <= opts.warmup:
         raise ValueError(f"bench.steps={opts.steps} leaves no step after bench.warmup={opts.warmup}; raise it")
     cfg = replace(cfg, max_steps=opts.steps)
-    loss_type, scale_rewards = trl_loss(cfg)  # before any work
-    t0 = time.perf_counter()
+    trl_loss(cfg)  # refuses what TRL cannot run, before any work
     set_seed(cfg.seed)
     task, model, tokenizer, _ = load_inputs(cfg, console)  # builds the embedded model when it is not cached
     start = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
                      max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
     params = sum(p.numel() for p in model.parameters())
     del model
-    # both sides load this very directory
-    cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(resolve_model_path(cfg).resolve())))
+    # both sides load this very directory; every round trains on the split that `start` and each
+    # run's accuracy are read on, whatever its seed
+    cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(resolve_model_path(cfg).resolve())),
+                  data=replace(cfg.data, seed=data_seed(cfg)))
     runs: dict[str, list[Run]] = {side: [] for side in SIDES}
-    for round_ in range(1, opts.rounds + 1):
+    for round_ in range(opts.rounds):
         for side, name in SIDES.items():
-            r = _run(side, cfg, Path(cfg.output_dir) / f"{side}-{round_}", opts.warmup, task)
+            r = _run(side, replace(cfg, seed=cfg.seed + round_), Path(cfg.output_dir) / f"{side}-{round_ + 1}",
+                     opts.warmup, task)
             runs[side].append(r)
-            console.print(f"peer bench, round {round_}/{opts.rounds}: {name}: {r.s_per_step:.3f} s/step, "
-                          f"peak RSS {r.peak_rss_mb:.0f} MB, accuracy {start:.3f} -> {r.accuracy:.3f}")
+            console.print(f"peer bench, round {round_ + 1}/{opts.rounds} (seed {r.seed}): {name}: "
+                          f"{r.s_per_step:.3f} s/step, peak RSS {r.peak_rss_mb:.0f} MB, "
+                          f"accuracy {start:.3f} -> {r.accuracy:.3f}")
     stats = {side: SideStats(rs) for side, rs in runs.items()}
     ours, trl = stats["frugalrl"], stats["trl"]
-    summary = {"step_time_ratio_ours_vs_trl": ours.median("s_per_step") / trl.median("s_per_step"),
-               "peak_rss_ratio_ours_vs_trl": ours.median("peak_rss_mb") / trl.median("peak_rss_mb"),
-               "peer_ours_s_per_step": ours.median("s_per_step"), "peer_trl_s_per_step": trl.median("s_per_step"),
-               "peer_ours_peak_rss_mb": ours.median("peak_rss_mb"), "peer_trl_peak_rss_mb": trl.median("peak_rss_mb"),
-               "peer_accuracy_start": start, "peer_ours_accuracy": ours.mean("accuracy"),
-               "peer_trl_accuracy": trl.mean("accuracy"), "peer_completions": runs["frugalrl"][-1].completions}
+    shown = {json.dumps({k: v for k, v in r.trl_settings.items() if k != "seed"}, sort_keys=True) for r in trl.runs}
+    if len(shown) > 1:
+        raise RuntimeError(f"TRL's GRPOConfig differed between rounds beyond the seed: {sorted(shown)}")
+    step_ratio, rss_ratio = (ratio_ci(ours.values(name), trl.values(name), paired=True)
+                             for name in ("s_per_step", "peak_rss_mb"))
+    gap = mean_ci([a - b for a, b in zip(ours.values("accuracy"), trl.values("accuracy"))])
+    figures = {name: {side: s.estimate(name) for side, s in stats.items()}
+               for name in ("s_per_step", "peak_rss_mb", "accuracy")}
+    summary = {**step_ratio.as_summary("step_time_ratio_ours_vs_trl"),
+               **rss_ratio.as_summary("peak_rss_ratio_ours_vs_trl"),
+               **{key: value for name, by_side in figures.items()
+                  for side, short in (("frugalrl", "ours"), ("trl", "trl"))
+                  for key, value in by_side[side].as_summary(f"peer_{short}_{name}").items()},
+               **gap.as_summary("peer_accuracy_gap_ours_minus_trl"),
+               "peer_accuracy_start": start, "peer_completions": runs["frugalrl"][-1].completions,
+               "peer_rounds": opts.rounds}
 
     ro, tr = cfg.rollout, cfg.train
-    batch = ro.batch_prompts * ro.group_size
-    micro = min(tr.micro_batch, batch)
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     model_name = f"{params / 1e6:.2f} M-parameter model"
     title = f"{model_name}, {ro.batch_prompts} prompts x G={ro.group_size}, {opts.steps} steps, {opts.rounds} rounds"
-    _plot(stats, start, results_dir / "peer.png", title)
-    rows = [[SIDES[side], fmt(s.median("s_per_step"), 3), f"{s.median('peak_rss_mb'):.0f}",
-             str(s.runs[-1].completions), f"{start:.3f}", f"{s.mean('accuracy'):.3f}",
-             f"{s.mean('reward_first'):.3f} -> {s.mean('reward_last'):.3f}"] for side, s in stats.items()]
-    per_round = "; ".join(f"{SIDES[side]}: " + ", ".join(f"{r.s_per_step:.3f} s/{r.peak_rss_mb:.0f} MB" for r in s.runs)
-                          for side, s in stats.items())
+    _plot([("seconds per step", figures["s_per_step"]), ("peak RSS (MB)", figures["peak_rss_mb"]),
+           ("held-out accuracy after", figures["accuracy"])], start, results_dir / "peer.png", title)
+    rows = [[SIDES[side], str(figures["s_per_step"][side]), str(figures["peak_rss_mb"][side]),
+             str(s.runs[-1].completions), f"{start:.3f}", str(figures["accuracy"][side]),
+             f"{statistics.fmean(s.values('reward_first')):.3f} -> {statistics.fmean(s.values('reward_last')):.3f}"]
+            for side, s in stats.items()]
+    per_round = [[str(i + 1), str(a.seed), str(b.trl_settings["seed"]), f"{a.s_per_step:.3f}", f"{b.s_per_step:.3f}",
+                  f"{a.peak_rss_mb:.0f}", f"{b.peak_rss_mb:.0f}", f"{a.accuracy:.3f}", f"{b.accuracy:.3f}"]
+                 for i, (a, b) in enumerate(zip(ours.runs, trl.runs))]
     sections = [
         f"frugalrl's `{cfg.algo.estimator}` ({cfg.algo.loss_agg}) against TRL {version('trl')}'s `GRPOTrainer` on "
-        f"the same {model_name} and task: {ro.batch_prompts} prompts x G={ro.group_size} = {batch} "
-        f"completions per step of at most {ro.max_new_tokens} tokens, temperature {ro.temperature:g}, top-p "
-        f"{ro.top_p:g}, lr {tr.lr:g} ({tr.lr_schedule}, {tr.warmup_steps} warm-up steps), one optimizer step per "
-        f"batch, no KL, {cfg.model.dtype}, {opts.steps} steps per run; {opts.rounds} rounds, each a frugalrl run "
-        f"then a TRL run, each its own process; {torch.get_num_threads()} torch threads. Seconds per step over "
-        f"steps {opts.warmup + 1}-{opts.steps} (the first {opts.warmup} left out), median over rounds; peak RSS "
-        "of the whole process, median over rounds; accuracy: greedy, "
-        f"{len(task.eval_rows)} held-out prompts, mean over rounds. Protocol: `src/frugalrl/bench/peer.py`.",
+        f"the same {model_name} and task; frugalrl's run config: {ro.batch_prompts} prompts x G={ro.group_size} = "
+        f"{ro.batch_prompts * ro.group_size} completions per step of at most {ro.max_new_tokens} tokens, "
+        f"temperature {ro.temperature:g}, top-p {ro.top_p:g}, lr {tr.lr:g} ({tr.lr_schedule}, {tr.warmup_steps} "
+        f"warm-up steps), one optimizer step per batch, no KL, {cfg.model.dtype}, {opts.steps} steps per run. "
+        f"{opts.rounds} rounds, each a frugalrl run then a TRL run, each its own process, both with seed "
+        f"{cfg.seed} + round - 1 and the same data split (data.seed={cfg.data.seed}); torch threads: "
+        f"{torch.get_num_threads()}. Seconds per step over steps "
+        f"{opts.warmup + 1}-{opts.steps} (the first {opts.warmup} left out); peak RSS of the whole process; "
+        f"accuracy: greedy, {len(task.eval_rows)} held-out prompts. Each figure: mean over rounds [95 % "
+        "interval]. Protocol: `src/frugalrl/bench/peer.py`.",
         table(["side", "s/step", "peak RSS MB", "completions", "accuracy before", "accuracy after",
                "sampled reward, first -> last step"], rows),
-        f"frugalrl / TRL: seconds per step {fmt(summary['step_time_ratio_ours_vs_trl'], 3)} (target <= 0.5), "
-        f"peak RSS {fmt(summary['peak_rss_ratio_ours_vs_trl'], 3)} (target <= 0.7).",
-        f"TRL settings: `loss_type={loss_type!r}`, `scale_rewards={scale_rewards!r}`, `beta=0`, "
-        f"`num_iterations=1`, `num_generations={ro.group_size}`, `generation_batch_size={batch}`, "
-        f"`per_device_train_batch_size={micro}`, `gradient_accumulation_steps={batch // micro}`, "
-        f"`max_completion_length={ro.max_new_tokens}`, `top_k=0`, `use_vllm=False`, `bf16=False`, "
-        f"`gradient_checkpointing={cfg.model.gradient_checkpointing}`. frugalrl: micro-batches of "
+        f"frugalrl / TRL, ratio of the means [95 % bootstrap interval over rounds, paired]: seconds per step "
+        f"**{step_ratio}** (target <= 0.5), peak RSS **{rss_ratio}** (target <= 0.7). Held-out accuracy after, "
+        f"frugalrl - TRL: {gap} (mean of the per-round differences [95 % t interval]).",
+        "TRL settings, read back from the `GRPOConfig` its runs trained with: "
+        f"{trl_settings_line(trl.runs[0].trl_settings)}; its seed per round below. frugalrl: micro-batches of "
         f"{tr.micro_batch}; samples with advantage 0 (groups of equal rewards) skip their forward pass.",
-        f"Per round (s/step / peak RSS): {per_round}.",
-        f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
+        "Per round:",
+        table(["round", "seed: frugalrl", "seed: TRL", "s/step: frugalrl", "s/step: TRL", "peak RSS MB: frugalrl",
+               "peak RSS MB: TRL", "accuracy: frugalrl", "accuracy: TRL"], per_round),
     ]
     return publish(results_dir, "peer", "Peer bench: frugalrl vs TRL's GRPOTrainer", command, sections, summary,
                    console)

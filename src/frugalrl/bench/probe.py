@@ -6,17 +6,29 @@ hook by a ``Probe``:
 * Probes: the first ``bench.probes`` held-out prompts (never trained on, so probing does not
   steer the run). Probes are always sampled in process, at ``rollout.temperature`` and top-p.
 * Every step i, after its update, for each G in ``bench.groups``: G fresh samples of every
-  probe from the current policy. They go through a KAE estimator of their own (one per G, with
-  the run config's ``algo.kae_*`` options), called exactly as training with group size G calls
-  it when the prompt is in every batch (a sticky schedule as long as the run), so its history
-  of each probe's rewards builds up step by step.
-* Every ``bench.every`` steps (a checkpoint): V(x) of each probe by Monte Carlo from
-  ``bench.mc_samples`` samples (drawn before that step's G samples), then what each estimator
-  gives each of that step's G samples (the same samples for all): ``grpo`` the group mean,
-  ``rloo`` the leave-one-out group mean (neither exists for G = 1), ``reinforce`` the
-  leave-one-out mean of the whole probe batch (P x G samples), ``reinforce_pp`` the probe batch
-  mean, ``kae`` history + leave-one-out. ``Probe.measure`` records, per checkpoint, each
-  baseline's squared error against V_MC(x); a bench extends it to measure more (``grad.py``).
+  probe from the current policy. Every ``bench.every`` steps (a checkpoint): V(x) of each probe
+  by Monte Carlo from ``bench.mc_samples`` samples (drawn before that step's G samples), then
+  what each estimator gives each of that step's G samples (the same samples for all): ``grpo``
+  the group mean, ``rloo`` the leave-one-out group mean (neither exists for G = 1),
+  ``reinforce`` the leave-one-out mean of the whole probe batch (P x G samples),
+  ``reinforce_pp`` the probe batch mean, ``kae`` and ``kae_every_step`` history + leave-one-out.
+  ``Probe.measure`` records, per checkpoint, each baseline's squared error against V_MC(x) per
+  probe; a bench extends it to measure more (``grad.py``).
+* KAE is the one estimator whose baseline depends on the prompt schedule (its history); two KAE
+  estimators per G, each with ``bench.kae_preset``'s ``algo.kae_*`` options and called exactly
+  as training with group size G calls it, differ in when a probe's rewards enter its history:
+  - ``kae``, as the preset trains (the headline): the trainer's ``PromptSampler`` over the run's
+    training pool with the preset's ``rollout.batch_prompts`` and ``data.sticky_steps`` and the
+    run's seed. At checkpoint c, probe p stands in for a prompt of the sampler's batch at
+    sampler step c + (p mod sticky_steps), and is sampled at that prompt's steps in the
+    sampler's order up to then, read back by the same offset (``schedule_visits``), each
+    (probe, checkpoint) with a history of its own: a first visit has none, a sticky batch at
+    most sticky_steps - 1 steps, and an earlier epoch's visits count where the kernel reaches
+    them. The offset puts the probes at every position of a sticky block in equal shares at
+    every checkpoint, as training's steps are on average (read unshifted, all would sit at the
+    checkpoint step's one position).
+  - ``kae_every_step``: every probe at every step, so that at a checkpoint it has all the
+    run's steps of history: the best case for KAE, an upper bound on what it can do.
 
 Every sample is kept with its tokens (``Samples``), so that a measure can differentiate the
 policy's log-probabilities of them.
@@ -25,7 +37,7 @@ policy's log-probabilities of them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,16 +46,21 @@ from torch import Tensor
 
 from frugalrl.advantages import AdvantageOutput, get_estimator
 from frugalrl.bench.options import ValueOptions
-from frugalrl.config import Config
+from frugalrl.bench.stats import Estimate, ratio_ci
+from frugalrl.config import Config, ConfigError, load_config
+from frugalrl.data import PromptSampler
 from frugalrl.evaluation import score
 from frugalrl.rollout import Rollout, generate
 from frugalrl.trainer import RunResult, build_estimator, load_inputs, set_seed, train
 
 # the run a bench probes: a fixed number of steps, no held-out evaluation (the bench measures the probes)
 RUN_DEFAULTS = ["max_steps=100", "max_wall_s=0", "eval_every=0"]
+# KAE fed every probe at every step: its upper bound
+EVERY_STEP = "kae_every_step"
 # estimators compared at every G, with the baseline each one names
 ESTIMATORS = {"grpo": "group mean", "rloo": "group leave-one-out mean", "reinforce": "batch leave-one-out mean",
-              "reinforce_pp": "batch mean", "kae": "history + group leave-one-out"}
+              "reinforce_pp": "batch mean", "kae": "history + group leave-one-out, as the KAE preset trains",
+              EVERY_STEP: "the same, every probe at every step: best case for KAE"}
 GROUP_ONLY = ("grpo", "rloo")  # no baseline from a group of one sample
 # sequences per generate call: bounds memory when probes x samples is large
 _CALL = 1024
@@ -89,43 +106,106 @@ class Group:
     estimates: dict[str, AdvantageOutput]
 
 
-class Probe:
-    """The ``on_step`` hook: per-G KAE histories every step, measures at checkpoints.
+def load_kae_preset(opts: ValueOptions) -> Config:
+    """``bench.kae_preset`` loaded; a ConfigError naming the option when it cannot be, a
+    ValueError unless it is a KAE preset."""
+    try:
+        preset = load_config(opts.kae_preset)
+    except ConfigError as err:
+        raise ConfigError(f"bench.kae_preset: {err} (a path from the current directory: run from the repository's "
+                          f"root or give the preset's path)") from None
+    if preset.algo.estimator != "kae":
+        raise ValueError(f"bench.kae_preset={opts.kae_preset} trains algo.estimator={preset.algo.estimator}; "
+                         f"point it at a KAE preset such as configs/kae.yaml")
+    return preset
 
+
+def schedule_visits(pool: int, batch_prompts: int, sticky_steps: int, seed: int, probes: int,
+                    checkpoints: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """When to sample each probe so that at each checkpoint it has the history training gives a
+    prompt: run step -> [(probe, checkpoint)], the checkpoint's own step included.
+
+    The schedule is the trainer's ``PromptSampler`` over ``pool`` prompts (its batches of
+    ``batch_prompts``, each kept ``sticky_steps`` steps, shuffled epochs from ``seed``). At
+    checkpoint c, probe p (offset o = p mod sticky_steps) stands in for prompt p mod
+    batch_prompts of the sampler's batch at sampler step c + o; that prompt's sampler steps
+    v <= c + o are the probe's visits at run steps v - o (those before the run's first step
+    dropped). A ValueError when the pool is smaller than a batch.
+    """
+    if not checkpoints:
+        return {}
+    sampler = PromptSampler(list(range(pool)), batch_prompts, sticky_steps, seed)
+    batches = [sampler.next() for _ in range(max(checkpoints) + sticky_steps - 1)]  # sampler step u: [u - 1]
+    members = [set(batch) for batch in batches]
+    visits: dict[int, list[tuple[int, int]]] = {}
+    for c in checkpoints:
+        for p in range(probes):
+            offset = p % sticky_steps
+            prompt = batches[c + offset - 1][p % batch_prompts]
+            for v in range(offset + 1, c + offset + 1):
+                if prompt in members[v - 1]:
+                    visits.setdefault(v - offset, []).append((p, c))
+    return visits
+
+
+def _key(probe: int, checkpoint: int) -> str:
+    """The scheduled KAE's prompt id of a probe standing in for the prompt it measures at ``checkpoint``."""
+    return f"probe{probe}@{checkpoint}"
+
+
+class Probe:
+    """The ``on_step`` hook: KAE histories as its schedules say, measures at checkpoints.
+
+    ``pool``: the run's training prompts (their number sets the scheduled KAE's epochs).
     ``checkpoints``: (step, mean V_MC over probes) per checkpoint. ``values``: (P,) V_MC per
-    checkpoint. ``mc_var``: per checkpoint, the mean over probes of Var(V_MC) = s^2 / M (s^2
-    the sample variance of the M rewards). ``sq_err[(name, G)]``: per checkpoint, the mean over
-    the P x G probe samples of (baseline - V_MC)^2.
+    checkpoint. ``mc_var``: (P,) per checkpoint, Var(V_MC(x)) = s^2 / M (s^2 the sample
+    variance of the M rewards). ``sq_err[(name, G)]``: (P,) per checkpoint, the mean over each
+    probe's G samples of (baseline - V_MC)^2.
     """
 
-    def __init__(self, cfg: Config, opts: ValueOptions, tokenizer, rows: list[dict], reward_fn):
+    def __init__(self, cfg: Config, opts: ValueOptions, tokenizer, rows: list[dict], reward_fn, pool: int):
         self.cfg, self.opts, self.tokenizer, self.rows, self.reward_fn = cfg, opts, tokenizer, rows, reward_fn
-        kae_cfg = replace(cfg, algo=replace(cfg.algo, estimator="kae"))
-        self.kae = {G: build_estimator(kae_cfg) for G in opts.groups}
+        self.preset = load_kae_preset(opts)
+        self.kae = {G: build_estimator(self.preset) for G in opts.groups}
+        self.kae_every_step = {G: build_estimator(self.preset) for G in opts.groups}
+        try:
+            self.visits = schedule_visits(pool, self.preset.rollout.batch_prompts, self.preset.data.sticky_steps,
+                                          cfg.seed, len(rows), list(range(opts.every, cfg.max_steps + 1, opts.every)))
+        except ValueError as err:
+            raise ValueError(f"bench.kae_preset={opts.kae_preset}: {err} of the probed run; point it at a preset "
+                             f"with fewer prompts per batch") from None
+        self.pool = pool
         self.stateless = {"grpo": get_estimator("grpo"), "rloo": get_estimator("rloo"),
                           "reinforce": get_estimator("reinforce", baseline="loo"),
                           "reinforce_pp": get_estimator("reinforce_pp")}
         self.checkpoints: list[tuple[int, float]] = []
         self.values: list[Tensor] = []
-        self.mc_var: list[float] = []
-        self.sq_err: dict[tuple[str, int], list[float]] = {}
+        self.mc_var: list[Tensor] = []
+        self.sq_err: dict[tuple[str, int], list[Tensor]] = {}
 
-    def _sample(self, model, n: int) -> Samples:
+    def _sample(self, model, rows: list[dict], n: int) -> Samples:
         ro = self.cfg.rollout
-        return sample(model, self.tokenizer, self.rows, self.reward_fn, n, temperature=ro.temperature,
+        return sample(model, self.tokenizer, rows, self.reward_fn, n, temperature=ro.temperature,
                       top_p=ro.top_p, max_new_tokens=ro.max_new_tokens)
 
     def __call__(self, step: int, model, rows, rollout, rewards) -> None:
         checkpoint = step % self.opts.every == 0
-        mc = self._sample(model, self.opts.mc_samples) if checkpoint else None
+        mc = self._sample(model, self.rows, self.opts.mc_samples) if checkpoint else None
+        # the checkpoint's own visits are measured on the samples that every estimator gets, below
+        visits = [(p, c) for p, c in self.visits.get(step, []) if c != step]
         groups = {}
         for G in self.opts.groups:
-            samples = self._sample(model, G)
+            if visits:
+                r = self._sample(model, [self.rows[p] for p, _ in visits], G).rewards.flatten()
+                self.kae[G].estimate(r, [_key(p, c) for p, c in visits for _ in range(G)], step)
+            samples = self._sample(model, self.rows, G)
             r = samples.rewards.flatten()  # (P * G,), each probe's G samples consecutive
             ids = [row["id"] for row in self.rows for _ in range(G)]
-            estimates = {"kae": self.kae[G].estimate(r, ids, step)}  # every step: the history builds
+            estimates = {EVERY_STEP: self.kae_every_step[G].estimate(r, ids, step)}
             if not checkpoint:
                 continue
+            estimates["kae"] = self.kae[G].estimate(r, [_key(p, step) for p in range(len(self.rows)) for _ in range(G)],
+                                                    step)
             for name, est in self.stateless.items():
                 if G > 1 or name not in GROUP_ONLY:
                     estimates[name] = est.estimate(r, ids, step)
@@ -138,23 +218,68 @@ class Probe:
         v = mc.rewards.mean(dim=1)  # (P,)
         self.checkpoints.append((step, v.mean().item()))
         self.values.append(v)
-        self.mc_var.append((mc.rewards.var(dim=1) / mc.rewards.shape[1]).mean().item())
+        self.mc_var.append(mc.rewards.var(dim=1) / mc.rewards.shape[1])
         for G, group in groups.items():
             target = v.repeat_interleave(G)
             for name, out in group.estimates.items():
-                self.sq_err.setdefault((name, G), []).append(((out.baselines - target) ** 2).mean().item())
+                self.sq_err.setdefault((name, G), []).append(((out.baselines - target) ** 2).view(-1, G).mean(dim=1))
+
+    def noise(self) -> Tensor:
+        """(P,) each probe's Var(V_MC(x)), the mean over checkpoints."""
+        return torch.stack(self.mc_var).mean(dim=0)
+
+    def probe_mse(self, name: str, G: int) -> Tensor | None:
+        """(P,) each probe's baseline MSE against V(x), Monte Carlo variance removed (a baseline's
+        samples are independent of the Monte Carlo ones, so E[(b - V_MC)^2] = E[(b - V)^2] +
+        Var(V_MC)); None where there is no baseline."""
+        errs = self.sq_err.get((name, G))
+        return None if not errs else torch.stack(errs).mean(dim=0) - self.noise()
 
     def mse(self, name: str, G: int) -> float | None:
-        """Baseline MSE against V(x), Monte Carlo variance removed (a baseline's samples are
-        independent of the Monte Carlo ones, so E[(b - V_MC)^2] = E[(b - V)^2] + Var(V_MC));
-        None where there is no baseline."""
-        errs = self.sq_err.get((name, G))
-        return None if not errs else mean(errs) - mean(self.mc_var)
+        """The baseline MSE against V(x) over all probes (``probe_mse``'s mean)."""
+        per_probe = self.probe_mse(name, G)
+        return None if per_probe is None else per_probe.mean().item()
+
+    def mse_ratio(self, name: str, against: str, G: int) -> Estimate | None:
+        """mse(name) / mse(against) at G with a 95 % bootstrap interval, probes resampled (the two
+        estimators' errors paired by probe); None where either has no baseline or ``against``'s
+        MSE is 0."""
+        num, den = self.probe_mse(name, G), self.probe_mse(against, G)
+        if num is None or den is None or den.mean().item() == 0:
+            return None
+        return ratio_ci(num.tolist(), den.tolist(), paired=True)
+
+    def schedule(self) -> str:
+        """The scheduled KAE's schedule and options, for a results page (ends without a full stop)."""
+        a, batch, sticky = self.preset.algo, self.preset.rollout.batch_prompts, self.preset.data.sticky_steps
+        epoch = self.pool // batch * sticky
+        return (f"`kae` as `{self.opts.kae_preset}` trains: batches of {batch} prompts from the run's pool of "
+                f"{self.pool}, each for data.sticky_steps = {sticky} steps (a prompt's first visit has no history, "
+                f"a later one of its batch the rewards of at most {sticky - 1} earlier steps; it comes back once an "
+                f"epoch, {epoch} steps); `{EVERY_STEP}`: every probe at every step, the best case for KAE. Both with "
+                f"the {a.kae_kernel} kernel, bandwidth {a.kae_bandwidth:g} ({a.kae_bandwidth_mode}); the preset "
+                f"trains at G = {self.preset.rollout.group_size}")
 
 
 def mean(values: list[float]) -> float:
     """The mean of a non-empty list (per-checkpoint figures)."""
     return sum(values) / len(values)
+
+
+def ratio_summary(key: str, ratios: dict[int, Estimate], suffix: str = "") -> dict[str, float | None]:
+    """``summary.json`` entries KEY_gG{suffix} (and _ci_low, _ci_high) for G = 2 and 4: the ratio
+    where there is one, else null, so that no stale number is left standing."""
+    out: dict[str, float | None] = {}
+    for G in (2, 4):
+        name = f"{key}_g{G}{suffix}"
+        out.update(ratios[G].as_summary(name) if G in ratios
+                   else {name: None, f"{name}_ci_low": None, f"{name}_ci_high": None})
+    return out
+
+
+def ratio_line(ratios: dict[int, Estimate]) -> str:
+    """Ratios by G with their intervals, for a results page: "G=2: 0.8 [0.7, 0.9], ..." or "n/a"."""
+    return ", ".join(f"G={G}: {r}" for G, r in ratios.items()) or "n/a"
 
 
 def check_groups(opts: ValueOptions) -> None:

@@ -1,4 +1,5 @@
-"""What every bench writes: a markdown page headed by its exact command, and summary.json.
+"""What every bench writes: a markdown page headed by its exact command, the commit it ran on,
+the date and its wall time (``start`` starts the clock, ``publish`` reads it), and summary.json.
 
 ``bench/results/summary.json`` is one flat JSON object shared by all benches; each bench merges
 its own keys into it, so running one bench never erases another's numbers.
@@ -14,7 +15,11 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+
+# (perf_counter time, source_commit) when the running bench started (``start``); None before the first
+_started: tuple[float, str] | None = None
 
 
 def command_line(bench: str, config_path: str | None, overrides: list[str]) -> str:
@@ -39,12 +44,68 @@ def page(title: str, command: str, sections: list[str]) -> str:
     return "\n\n".join([f"# {title}", f"```\n{command}\n```", *sections]) + "\n"
 
 
+def start(results_dir: str | Path) -> None:
+    """Start the bench's clock and note the commit it runs on (``bench.run`` does, just before the
+    bench; ``results_dir``, its results directory): ``publish`` puts both on the page. The commit
+    is read now, as the code was when the bench started, not as it is when it ends."""
+    global _started
+    _started = (time.perf_counter(), source_commit(results_dir))
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a reader: "329 s", or "2472 s (41 min)" from two minutes on."""
+    return f"{seconds:.0f} s" + (f" ({seconds / 60:.0f} min)" if seconds >= 120 else "")
+
+
+def source_commit(exclude: str | Path | None = None) -> str:
+    """The short commit of the git checkout frugalrl runs from, plus " (with uncommitted changes)"
+    when a tracked file differs from it; "unknown" when this module is not a tracked file of a
+    git checkout (an installed wheel) or git is missing.
+
+    ``exclude``: a directory whose changes do not count, the bench's results directory: benches
+    run one after another rewrite tracked pages and summary.json there, which says nothing of
+    the code they ran. ``--no-optional-locks``: reading the status must not take the index lock
+    from a git command running beside the bench.
+    """
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(here.parent), *args], capture_output=True,
+                              text=True, timeout=60)
+
+    try:
+        if git("ls-files", "--error-unmatch", here.name).returncode != 0:
+            return "unknown"
+        top, head = Path(git("rev-parse", "--show-toplevel").stdout.strip()), git("rev-parse", "--short", "HEAD")
+        pathspec = [":/"]
+        if exclude is not None and Path(exclude).resolve().is_relative_to(top):
+            pathspec.append(f":(top,exclude){Path(exclude).resolve().relative_to(top)}")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", *pathspec)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0 or status.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if status.stdout.strip() else "")
+
+
+def provenance(results_dir: str | Path) -> str:
+    """The page's line under the command: the commit it ran on, when it finished (UTC) and the
+    bench's wall time since ``start``; without ``start``, today's commit and no wall time."""
+    finished = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if _started is None:
+        commit = source_commit(results_dir)
+        wall = "n/a (the bench was not started by `frugalrl bench`, which starts its clock)"
+    else:
+        commit, wall = _started[1], duration(time.perf_counter() - _started[0])
+    return f"Commit {commit}; finished {finished}; bench wall time {wall}."
+
+
 def publish(results_dir: str | Path, name: str, title: str, command: str, sections: list[str],
              summary: dict[str, float | None], console) -> dict[str, float | None]:
-    """What every bench does last: write ``NAME.md`` (``page``), merge ``summary`` into
-    summary.json (None as null: measured, with no number, so a stale one is not left standing),
-    print one line saying so; returns ``summary``."""
-    (Path(results_dir) / f"{name}.md").write_text(page(title, command, sections))
+    """What every bench does last: write ``NAME.md`` (``page``; under its command, ``provenance``),
+    merge ``summary`` into summary.json (None as null: measured, with no number, so a stale one
+    is not left standing), print one line saying so; returns ``summary``."""
+    (Path(results_dir) / f"{name}.md").write_text(page(title, command, [provenance(results_dir), *sections]))
     merge_summary(results_dir, summary)
     console.print(f"{name} bench: {', '.join(f'{k}={fmt(v, 3)}' for k, v in summary.items())}; "
                   f"results in {results_dir}/{name}.md")

@@ -118,7 +118,6 @@ def _plot(batches: list[int], fast: dict, hf: dict, ceiling: float, path: Path, 
 def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> dict:
     """Measure, write rollout.md and rollout.png, merge the headline numbers into summary.json
     and return them."""
-    t0 = time.perf_counter()
     set_seed(cfg.seed)
     task, model, tokenizer, _ = load_inputs(cfg, console)
     if not fastgen.supports(model):
@@ -168,7 +167,6 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         f"Ceiling: measured {param.dtype} matmul {flops / 1e9:.1f} GFLOP/s ({opts.matmul_size}^2 matrices) / "
         f"{flops_per_token(model, context[top]) / 1e6:.2f} MFLOP per generated token at mean context "
         f"{context[top]:.0f}.",
-        f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
     ]
     return publish(results_dir, "rollout", "Rollout bench: generation throughput", command, sections, summary,
                    console)

@@ -33,7 +33,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,7 +118,6 @@ def run_strategy(config_file: Path, strategy: str, processes: int, run_dir: Path
 def run(cfg: Config, opts: ScaleOptions, command: str, console: Console) -> dict:
     """Train with ddp and with fsdp on ``bench.processes`` processes; write scale.md; merge
     ``fsdp_to_ddp_peak_rss_ratio`` (and each strategy's peak) into summary.json and return them."""
-    t0 = time.perf_counter()
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     work = Path(cfg.output_dir)
@@ -148,7 +146,6 @@ def run(cfg: Config, opts: ScaleOptions, command: str, console: Console) -> dict
         table(["train.strategy", "peak RSS per process, MB (median)", "each round (largest process)",
                "last round, per process", "s/step"], rows),
         f"fsdp / ddp peak RSS per process: **{fmt(ratio, 3)}** (goal: at most 0.7).",
-        f"Bench wall time: {time.perf_counter() - t0:.0f} s.",
     ]
     summary = {"fsdp_to_ddp_peak_rss_ratio": ratio, "scale_ddp_peak_rss_mb": peak["ddp"],
                "scale_fsdp_peak_rss_mb": peak["fsdp"]}

@@ -32,9 +32,12 @@ class Estimate:
             return f"{self.value:.3g} (n={self.n}, no interval)"
         return f"{self.value:.3g} [{self.low:.3g}, {self.high:.3g}]"
 
-    def as_summary(self, key: str) -> dict[str, float]:
-        """``summary.json`` keys: KEY, KEY_ci_low, KEY_ci_high."""
-        return {key: self.value, f"{key}_ci_low": self.low, f"{key}_ci_high": self.high}
+    def as_summary(self, key: str) -> dict[str, float | None]:
+        """``summary.json`` keys: KEY, KEY_ci_low, KEY_ci_high; the bounds are null when n < 2
+        (bounds equal to the value would read as a measured certainty)."""
+        interval = self.n >= 2 and math.isfinite(self.low)
+        return {key: self.value, f"{key}_ci_low": self.low if interval else None,
+                f"{key}_ci_high": self.high if interval else None}
 
 
 def t95(df: int) -> float:

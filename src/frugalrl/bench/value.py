@@ -2,14 +2,18 @@
 
 Protocol of ``frugalrl bench value``, along one real training run probed as ``probe.py``
 describes (the first ``bench.probes`` held-out prompts; every step, G fresh samples of each,
-for every G in ``bench.groups``, feed a KAE estimator of their own; every ``bench.every``
-steps, a checkpoint: V_MC(x) from ``bench.mc_samples`` samples, and each estimator's baseline
-for that step's G samples):
+for every G in ``bench.groups``; KAE's history fed as ``bench.kae_preset`` trains, and, as an
+upper bound, every probe at every step; every ``bench.every`` steps, a checkpoint: V_MC(x)
+from ``bench.mc_samples`` samples, and each estimator's baseline for that step's G samples):
 
 * MSE = mean over checkpoints, probes and samples of (baseline - V_MC(x))^2, minus the Monte
   Carlo estimate's own variance (mean over probes of s^2(x) / M, s^2 the sample variance of its
   M rewards): a baseline's samples are independent of the Monte Carlo ones, so
   E[(b - V_MC)^2] = E[(b - V)^2] + Var(V_MC).
+* The headline, KAE's MSE over GRPO's at G = 2 and 4, is KAE as its preset trains (``kae``);
+  ``kae_every_step`` gives the upper bound. Each ratio has a 95 % bootstrap interval over the
+  probes (``stats.ratio_ci``, the two estimators' errors paired by probe: per probe, its MSE
+  over checkpoints and samples less its Monte Carlo variance).
 * A*-PO apart, since its baseline targets something else: V*_ref(x), ``optimal_value`` of
   ``algo.vstar_n`` samples of the starting model at temperature 1 (``algo.astar_beta1``), the
   reference policy's soft-max value. Its MSE is reported against its own target (V*_ref from
@@ -18,7 +22,6 @@ for that step's G samples):
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +29,9 @@ from rich.console import Console
 
 from frugalrl.advantages import optimal_value
 from frugalrl.bench.options import ValueOptions
-from frugalrl.bench.probe import (ESTIMATORS, RUN_DEFAULTS, Probe, check_groups, describe_run, figure, load_probes,
-                                  mean, plot_by_group, sample, train_probed, trajectory)
+from frugalrl.bench.probe import (ESTIMATORS, EVERY_STEP, RUN_DEFAULTS, Probe, check_groups, describe_run, figure,
+                                  load_probes, mean, plot_by_group, ratio_line, ratio_summary, sample, train_probed,
+                                  trajectory)
 from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
 from frugalrl.vstar import TEMPERATURE as VSTAR_TEMPERATURE
@@ -46,7 +50,6 @@ def run(cfg: Config, opts: ValueOptions, command: str, console: Console) -> dict
     """Train as ``cfg`` says while probing; write value.md and value.png; merge the kae/grpo MSE
     ratios at G = 2 and 4 into summary.json and return them."""
     check_groups(opts)
-    t0 = time.perf_counter()
     task, rows, reference, tokenizer = load_probes(cfg, opts, console)
     ro = cfg.rollout
     vstar_sampling = dict(temperature=VSTAR_TEMPERATURE, top_p=1.0, max_new_tokens=ro.max_new_tokens)
@@ -54,15 +57,15 @@ def run(cfg: Config, opts: ValueOptions, command: str, console: Console) -> dict
         optimal_value(sample(reference, tokenizer, rows, task.reward_fn, n, **vstar_sampling).rewards,
                       cfg.algo.astar_beta1) for n in (cfg.algo.vstar_n, opts.mc_samples))
     del reference  # train() loads its own copy of the starting model
-    probe = Probe(cfg, opts, tokenizer, rows, task.reward_fn)
+    probe = Probe(cfg, opts, tokenizer, rows, task.reward_fn, len(task.train_rows))
     result = train_probed(cfg, opts, console, probe)
-    wall = time.perf_counter() - t0
 
     groups = sorted(set(opts.groups))
-    astar_vs_v = mean([((v_star - v) ** 2).mean().item() for v in probe.values]) - mean(probe.mc_var)
+    noise = probe.noise().mean().item()
+    astar_vs_v = mean([((v_star - v) ** 2).mean().item() for v in probe.values]) - noise
     astar_vs_target = ((v_star - v_star_target) ** 2).mean().item()
-    ratios = {G: probe.mse("kae", G) / probe.mse("grpo", G) for G in (2, 4)
-              if G in groups and probe.mse("grpo", G)}
+    ratios = {name: {G: r for G in (2, 4) if G in groups and (r := probe.mse_ratio(name, "grpo", G))}
+              for name in ("kae", EVERY_STEP)}
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     title = (f"{cfg.algo.estimator} run, {len(probe.checkpoints)} checkpoints x {opts.probes} probes, "
@@ -71,11 +74,13 @@ def run(cfg: Config, opts: ValueOptions, command: str, console: Console) -> dict
     mse_rows = [[f"{name} ({what})", *(fmt(probe.mse(name, G)) for G in groups)] for name, what in ESTIMATORS.items()]
     sections = [
         f"Baseline MSE against the Monte Carlo value V(x) of {describe_run(cfg, opts, probe, result)}; its own "
-        f"variance ({mean(probe.mc_var):.2g}) is subtracted. Protocol: `src/frugalrl/bench/value.py`.",
+        f"variance ({noise:.2g}) is subtracted. KAE's history: {probe.schedule()}. "
+        "Protocol: `src/frugalrl/bench/value.py`.",
         table(["estimator (baseline)", *(f"G={G}" for G in groups)], mse_rows),
-        "kae / grpo MSE ratio: " + (", ".join(f"G={G}: {fmt(r, 3)}" for G, r in ratios.items()) or "n/a")
-        + f" (KAE: {cfg.algo.kae_kernel} kernel, bandwidth {cfg.algo.kae_bandwidth:g} "
-          f"({cfg.algo.kae_bandwidth_mode}); probe history from G samples at every step).",
+        "kae / grpo MSE ratio, KAE as its preset trains (95 % interval, probes resampled): "
+        + ratio_line(ratios["kae"]) + ".",
+        "Upper bound, every probe at every step (best case for KAE: a prompt in every batch of the run), "
+        f"{EVERY_STEP} / grpo: " + ratio_line(ratios[EVERY_STEP]) + ".",
         "A*-PO's baseline is V*_ref(x), the starting model's soft-max value (beta1 = "
         f"{cfg.algo.astar_beta1:g}, temperature {VSTAR_TEMPERATURE:g}) from algo.vstar_n = {cfg.algo.vstar_n} "
         "samples, a different target than V(x):\n\n"
@@ -83,8 +88,9 @@ def run(cfg: Config, opts: ValueOptions, command: str, console: Console) -> dict
                 [[f"its own target: V*_ref from {opts.mc_samples} samples", fmt(astar_vs_target)],
                  ["the current policy's V(x) (as above)", fmt(astar_vs_v)]]),
         trajectory(probe),
-        f"Bench wall time: {wall:.0f} s ({torch.get_num_threads()} torch threads).",
+        f"Torch threads: {torch.get_num_threads()}.",
     ]
-    summary = {f"value_mse_ratio_kae_vs_grpo_g{G}": r for G, r in ratios.items()}
+    summary = {**ratio_summary("value_mse_ratio_kae_vs_grpo", ratios["kae"]),
+               **ratio_summary("value_mse_ratio_kae_vs_grpo", ratios[EVERY_STEP], "_every_step")}
     return publish(results_dir, "value", "Value bench: baseline MSE against V(x)", command, sections, summary,
                    console)

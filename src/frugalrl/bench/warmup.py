@@ -11,7 +11,6 @@ then find it, and reports the steps it took, its wall time
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,7 +45,6 @@ def run(cfg: Config, opts: WarmupOptions, command: str, console: Console) -> dic
     accuracy reached and the longest warm-up time into summary.json and return them."""
     if cfg.model.name_or_path:
         raise ValueError("bench warmup measures the embedded model's warm-up: leave model.name_or_path empty")
-    t0 = time.perf_counter()
     results = []
     for pool in opts.pools:
         for seed in opts.seeds:
@@ -54,7 +52,6 @@ def run(cfg: Config, opts: WarmupOptions, command: str, console: Console) -> dic
             console.print(f"warm-up: pool {pool}, seed {seed}")
             info = build_embedded_sft(run_cfg, embedded_sft_path(run_cfg), console)
             results.append({"pool": pool, "seed": seed, **info})
-    wall = time.perf_counter() - t0
 
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -71,11 +68,11 @@ def run(cfg: Config, opts: WarmupOptions, command: str, console: Console) -> dic
         f"{opts.pools} training problems: it stops at the first check (every {m.sft_eval_every} steps) whose greedy "
         f"accuracy on {m.sft_eval_size} training problems held out of it reaches {m.sft_target_accuracy:g}, or at "
         f"{m.sft_steps} steps. Time includes the checks. \"Evaluation split\" is the held-out set a run's "
-        "\"accuracy before RL\" is read on (never trained on, never used to stop).",
+        "\"accuracy before RL\" is read on (never trained on, never used to stop). "
+        f"{torch.get_num_threads()} torch threads.",
         table(["pool", "seed", "steps", "seconds", "accuracy: check problems", "accuracy: evaluation split",
                "reached target"], rows),
         table(["pool", "evaluation accuracy: mean ± sd", "min", "max"], per_pool),
-        f"Bench wall time: {wall:.0f} s ({torch.get_num_threads()} torch threads).",
     ]
     summary = {"warmup_eval_accuracy_mean": statistics.mean(evals), "warmup_eval_accuracy_min": min(evals),
                "warmup_reached_target_frac": sum(r["reached_target"] for r in results) / len(results),
