@@ -2,7 +2,7 @@
 
 import pytest
 
-from frugalrl.bench.stats import mean_ci, ratio_ci, t95
+from frugalrl.bench.stats import bootstrap_ci, mean_ci, ratio_ci, t95
 
 
 def test_mean_ci_by_hand():
@@ -27,3 +27,13 @@ def test_ratio_ci_brackets_the_ratio_and_pairing_narrows_it():
     assert unpaired.as_summary("r") == {"r": 2.0, "r_ci_low": unpaired.low, "r_ci_high": unpaired.high}
     with pytest.raises(ValueError, match="one length"):
         ratio_ci([1.0, 2.0], [1.0], paired=True)
+
+
+def test_bootstrap_ci_of_any_statistic():
+    values = [1.0, 2.0, 3.0, 10.0]
+    est = bootstrap_ci(lambda pick: float(max(values[i] for i in pick)), len(values))
+    # the maximum of a resample lies among the values; about (3/4)^4 = 32 % of resamples miss the 10
+    assert est.value == 10.0 and est.n == 4 and est.low in values and est.high == 10.0 and est.low < 10.0
+    assert bootstrap_ci(lambda pick: None, 3) is None  # no value on the whole set: no figure
+    single = bootstrap_ci(lambda pick: 5.0, 1)
+    assert (single.value, single.low, single.high) == (5.0, 5.0, 5.0)

@@ -70,7 +70,6 @@ completion's token log-probabilities at the sampling temperature (the per-sequen
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -81,7 +80,7 @@ from frugalrl.bench.options import GradOptions
 from frugalrl.bench.probe import (ESTIMATORS, EVERY_STEP, RUN_DEFAULTS, Group, Probe, Samples, check_groups,
                                   describe_run, figure, load_probes, mean, plot_by_group, ratio_line, ratio_summary,
                                   train_probed, trajectory)
-from frugalrl.bench.stats import Estimate, ratio_ci
+from frugalrl.bench.stats import Estimate, bootstrap_ci, ratio_ci
 from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
 from frugalrl.distributed import private_rng
@@ -229,22 +228,6 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return torch.dot(a.double(), b.double()).item()
 
 
-def _checkpoint_bootstrap(statistic: Callable[[np.ndarray], float | None], n: int, resamples: int = 4000,
-                          seed: int = 0) -> Estimate | None:
-    """``statistic`` of all n checkpoints (it takes their indices) with a 95 % percentile interval
-    from resampling the checkpoints with replacement (resamples where it has no value dropped);
-    None where it has no value. For figures that are not a ratio of means (``stats.ratio_ci``)."""
-    value = statistic(np.arange(n))
-    if value is None:
-        return None
-    rng = np.random.default_rng(seed)
-    draws = [d for d in (statistic(rng.integers(0, n, n)) for _ in range(resamples)) if d is not None]
-    if n < 2 or not draws:
-        return Estimate(value, value, value, n)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return Estimate(value, float(low), float(high), n)
-
-
 def _quotient(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
@@ -267,9 +250,9 @@ def measure_ratio(probe: GradProbe, measure: str, name: str, against: str, G: in
     denominator is 0. Per-checkpoint measures are a ratio of means (``ratio_ci``); the best-step
     error (``true_relative``) is not, and is bootstrapped whole."""
     if measure == "true_relative":
-        return _checkpoint_bootstrap(lambda pick: _quotient(probe.true_relative(name, G, pick),
-                                                            probe.true_relative(against, G, pick)),
-                                     len(probe.checkpoints))
+        return bootstrap_ci(lambda pick: _quotient(probe.true_relative(name, G, pick),
+                                                   probe.true_relative(against, G, pick)),
+                            len(probe.checkpoints))
     num, den = getattr(probe, measure)(name, G), getattr(probe, measure)(against, G)
     if num is None or den is None or mean(den) == 0:
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -83,4 +84,21 @@ def ratio_ci(numerator: list[float], denominator: list[float], paired: bool = Fa
     top, bottom = num[pick_num].mean(axis=1), den[pick_den].mean(axis=1)
     ratios = top[bottom != 0] / bottom[bottom != 0]
     low, high = np.percentile(ratios, [2.5, 97.5])
+    return Estimate(value, float(low), float(high), n)
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], n: int, resamples: int = 4000,
+                 seed: int = 0) -> Estimate | None:
+    """``statistic`` of n independent units (it takes their indices, shape (n,)) with a 95 %
+    percentile interval from resampling the units with replacement, for figures that are not a
+    ratio of means (``ratio_ci``). Resamples where ``statistic`` is None are dropped; None where
+    it is None on all n units."""
+    value = statistic(np.arange(n))
+    if value is None:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = [d for d in (statistic(rng.integers(0, n, n)) for _ in range(resamples)) if d is not None]
+    if n < 2 or not draws:
+        return Estimate(value, value, value, n)
+    low, high = np.percentile(draws, [2.5, 97.5])
     return Estimate(value, float(low), float(high), n)
