@@ -35,8 +35,12 @@ def test_warmup_stops_at_the_first_check_that_reaches_the_target(tmp_path, scrip
     calls = scripted_accuracy([0.1, 0.25, 0.31, 0.9, 0.9, 0.9])  # checks at steps 2, 4, 6, ...; then the eval split
     cfg = load_config(None, [*SMALL, "model.sft_steps=50", "model.sft_eval_every=2", "model.sft_target_accuracy=0.3",
                              f"model.cache_dir={tmp_path}"])
-    info = models.build_embedded_sft(cfg, tmp_path / "m", Console(record=True))
+    console = Console(record=True, width=200)  # not a terminal: a plain line at each check, as in a log file
+    info = models.build_embedded_sft(cfg, tmp_path / "m", console)
     assert info["sft_steps"] == 6 and info["reached_target"] is True
+    lines = [line for line in console.export_text().splitlines() if line.startswith("SFT warm-up step")]
+    assert [line.split("  ")[0::2] for line in lines][:1] == [["SFT warm-up step 2/50", "check accuracy 0.100"]]
+    assert len(lines) == 3 and "check accuracy 0.310" in lines[-1]
     assert info["check_accuracy"] == 0.31 and info["curve"] == [[2, 0.1], [4, 0.25], [6, 0.31]]
     assert info["eval_accuracy"] == 0.9  # read once more, on the evaluation split
     assert calls == [8, 8, 8, 16]  # held-out training problems at each check, then the 16 evaluation rows

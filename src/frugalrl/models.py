@@ -84,14 +84,20 @@ def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) ->
         return evaluate(model, tokenizer, rows, task.reward_fn, max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
 
     curve: list[list[float]] = []  # [step, accuracy on check_rows]
+    plain = not console.is_terminal and not console.quiet  # a log file: the bar shows only at the end
 
     def on_step(step: int, loss: float) -> bool:
         progress.update(bar, advance=1, loss=loss)
-        if not m.sft_target_accuracy or step % m.sft_eval_every:
+        if step % m.sft_eval_every:
             return False
-        curve.append([step, accuracy(check_rows)])
-        progress.update(bar, acc=f"{curve[-1][1]:.2f}")
-        return curve[-1][1] >= m.sft_target_accuracy
+        checked = bool(m.sft_target_accuracy)
+        if checked:
+            curve.append([step, accuracy(check_rows)])
+            progress.update(bar, acc=f"{curve[-1][1]:.2f}")
+        if plain:
+            console.print(f"SFT warm-up step {step}/{m.sft_steps}  loss {loss:.3f}  check accuracy "
+                          f"{f'{curve[-1][1]:.3f}' if checked else '-'}  {time.perf_counter() - t0:.0f} s")
+        return checked and curve[-1][1] >= m.sft_target_accuracy
 
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]SFT warm-up[/]"), BarColumn(), MofNCompleteColumn(),
