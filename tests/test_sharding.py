@@ -167,6 +167,7 @@ with sharding.full_weights(model) as whole:
     whole_elements = sum(p.numel() for p in whole.parameters())
 result = {"rank": dist.rank, "local": local, "total": total, "whole": whole_elements}
 open(f"{sys.argv[2]}/rank-{dist.rank}.json", "w").write(json.dumps(result))
+dist.barrier()  # both ranks done before either tears gloo down (once, without it, rank 0 aborted at exit)
 distributed.close(dist)
 """
 
