@@ -86,22 +86,27 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-class WandbTracker:
-    def __init__(self, cfg: Config, run_dir: Path, start: int):
-        import wandb
-
-        self.wandb = wandb
-        # None lets WANDB_MODE / WANDB_DIR decide where the user set them
-        self.run = wandb.init(project=cfg.project, name=run_name(cfg), config=config_to_dict(cfg),
-                              mode=None if os.environ.get("WANDB_MODE") else "offline",
-                              dir=None if os.environ.get("WANDB_DIR") else str(run_dir))
+class _WandbStyle:
+    """Logging through W&B's API, which trackio copies: ``run.log(dict, step=)`` and the
+    module's ``Table``. Subclasses set ``self.module`` (wandb or trackio) and ``self.run``."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
     def log_examples(self, examples: list[dict], step: int) -> None:
-        table = self.wandb.Table(columns=list(EXAMPLE_COLUMNS), data=_cells(examples))
+        table = self.module.Table(columns=list(EXAMPLE_COLUMNS), data=_cells(examples))
         self.run.log({EXAMPLES_KEY: table}, step=step)
+
+
+class WandbTracker(_WandbStyle):
+    def __init__(self, cfg: Config, run_dir: Path, start: int):
+        import wandb
+
+        self.module = wandb
+        # None lets WANDB_MODE / WANDB_DIR decide where the user set them
+        self.run = wandb.init(project=cfg.project, name=run_name(cfg), config=config_to_dict(cfg),
+                              mode=None if os.environ.get("WANDB_MODE") else "offline",
+                              dir=None if os.environ.get("WANDB_DIR") else str(run_dir))
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
@@ -139,23 +144,16 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
 
-class TrackioTracker:
+class TrackioTracker(_WandbStyle):
     def __init__(self, cfg: Config, run_dir: Path, start: int):
         import trackio
 
-        self.trackio = trackio
+        self.module = trackio
         # embed=False: no dashboard server; without space_id/server_url trackio stays local
         self.run = trackio.init(project=cfg.project, name=run_name(cfg), config=config_to_dict(cfg), embed=False)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
-
-    def log_examples(self, examples: list[dict], step: int) -> None:
-        table = self.trackio.Table(columns=list(EXAMPLE_COLUMNS), data=_cells(examples))
-        self.run.log({EXAMPLES_KEY: table}, step=step)
-
     def close(self, ok: bool) -> None:
-        self.trackio.finish()  # this run, which trackio.init made current; also spares it trackio's exit hook
+        self.module.finish()  # this run, which trackio.init made current; also spares it trackio's exit hook
 
 
 # report_to name -> (tracker, the modules it imports); the names are those TRL and transformers use
