@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from frugalrl.bench.report import table as markdown_table
 from frugalrl.config import flatten
 from frugalrl.plots import plot_compare
 from frugalrl.recovery import read_metrics
@@ -117,17 +118,16 @@ def table(runs: list[Run], names: list[str], target: float | None) -> str:
         return "-" if row is None else f"{row['eval_accuracy']:.3f} ({row['step']})"
 
     goal = "-" if target is None else f"{target:.3f}"
-    lines = [f"| run | steps | completions | wall s | final accuracy (step) | best accuracy (step) "
-             f"| completions to accuracy {goal} | wall s to accuracy {goal} | completions skipped by the filter |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ["run", "steps", "completions", "wall s", "final accuracy (step)", "best accuracy (step)",
+              f"completions to accuracy {goal}", f"wall s to accuracy {goal}", "completions skipped by the filter"]
+    rows = []
     for run, name in zip(runs, names):
         s = summary(run, target)
         share = f" ({s['skipped'] / s['samples']:.0%})" if s["skipped"] is not None and s["samples"] else ""
-        lines.append(f"| {name} ({run.path}) | {num(s['steps'], 'd')} | {num(s['samples'], 'd')} "
-                     f"| {num(s['wall_s'], '.0f')} | {acc(s['final'])} | {acc(s['best'])} "
-                     f"| {num(s['samples_to_target'], 'd')} | {num(s['wall_to_target'], '.0f')} "
-                     f"| {num(s['skipped'], 'd')}{share} |")
-    return "\n".join(lines)
+        rows.append([f"{name} ({run.path})", num(s["steps"], "d"), num(s["samples"], "d"), num(s["wall_s"], ".0f"),
+                     acc(s["final"]), acc(s["best"]), num(s["samples_to_target"], "d"),
+                     num(s["wall_to_target"], ".0f"), num(s["skipped"], "d") + share])
+    return markdown_table(header, rows)
 
 
 def compare(paths: list[str | Path], x: str = "step", out: str | Path = "compare.png",
