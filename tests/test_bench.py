@@ -492,3 +492,35 @@ def test_source_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch)
     assert report.source_commit(repo / "results") == head
     monkeypatch.setattr(report, "__file__", str(tmp_path / "report.py"))
     assert report.source_commit() == "unknown"  # outside a git checkout
+
+
+def test_bench_budget(tmp_path, toy_options):
+    from itertools import accumulate
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    rc = main(["bench", "budget", *toy_options, f"output_dir={tmp_path / 'runs'}", "rollout.batch_prompts=8",
+               "bench.tasks=[embedded]", "bench.runs=[uniform,dynamic,budget_cross]", "bench.seeds=[0,1]",
+               "bench.steps=3", "bench.eval_every=1", "bench.pool=64", f"bench.configs_dir={configs}",
+               "rollout.candidates=12", "rollout.prior_neighbors=4", "bench.dash_samples=64",
+               "bench.dash_eval_every_samples=32"])
+    assert rc == 0
+    summary = _summary(tmp_path)
+    # every key written, null where the run is missing or the target was met before training
+    for key in ("budget_cross_time_to_target_ratio_vs_rloo", "dynamic_samples_to_target_ratio_vs_rloo",
+                "budget_time_to_target_ratio_vs_rloo", "prior_brier_ratio_cross_prompt_vs_population"):
+        assert {key, f"{key}_ci_low", f"{key}_ci_high"} <= summary.keys()
+    assert summary["budget_time_to_target_ratio_vs_rloo"] is None  # budget not run
+    assert summary["prior_brier_ratio_cross_prompt_vs_population"] > 0
+    page = (tmp_path / "results" / "budget.md").read_text()
+    assert "frugalrl bench budget" in page and "3 steps of 32 trained completions" in page
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "embedded" / "dynamic-seed1" / "metrics.jsonl")
+            .read_text().splitlines()]
+    steps = [r for r in rows if "reward_mean" in r]
+    # dynamic sampling counts every round's completions
+    assert [r["samples"] for r in steps] == list(accumulate(32 * r["dynamic_rounds"] for r in steps))
+    assert (tmp_path / "results" / "budget-embedded.png").stat().st_size > 0
+    # DASH vs TRL: both read at 0, 32 and 64 completions
+    trl = json.loads((tmp_path / "runs" / "dash-vs-trl" / "trl_grpo-seed0" / "peer-result.json").read_text())
+    assert [c[1] for c in trl["curve"]] == [0, 32, 64] and trl["curve"][1][0] < trl["curve"][2][0]
+    assert "time_to_target_ratio_dash_vs_trl_grpo" in summary and "DASH vs TRL" in page

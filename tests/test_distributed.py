@@ -33,9 +33,13 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-def _rewards(run_dir) -> list[float]:
+def _steps(run_dir) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["reward_mean"] for r in rows if "reward_mean" in r]
+    return [r for r in rows if "reward_mean" in r]
+
+
+def _rewards(run_dir) -> list[float]:
+    return [r["reward_mean"] for r in _steps(run_dir)]
 
 
 @pytest.mark.parametrize("algo", [
@@ -44,13 +48,22 @@ def _rewards(run_dir) -> list[float]:
     # KAE's history from the global batch; two clipped off-policy steps on shuffled mini-batches
     ["algo.estimator=kae", "rollout.group_size=2", "data.sticky_steps=2", "train.mini_batches=2",
      "algo.loss_agg=token-mean", "train.micro_batch=4"],
-], ids=["grpo", "kae-minibatches"])
+    # unequal groups from the budget allocator, split over ranks by completions
+    ["algo.estimator=rloo", "rollout.group_size=2", "rollout.allocation=budget", "rollout.candidates=12",
+     "rollout.max_per_prompt=4"],
+    # dynamic sampling's rounds: kept groups land unevenly on the ranks
+    ["algo.estimator=grpo", "rollout.group_size=2", "rollout.dynamic_sampling=true", "train.micro_batch=3"],
+], ids=["grpo", "kae-minibatches", "budget", "dynamic-sampling"])
 def test_two_ranks_match_one_process(tmp_path, tiny_model_dir, run_options, algo):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     done = _torchrun([*run_options, *algo, f"output_dir={ddp}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["train", *run_options, *algo, f"output_dir={single}"]) == 0
     assert _rewards(ddp) == pytest.approx(_rewards(single), abs=1e-6)  # the same samples, step for step
+    if "rollout.allocation=budget" in algo:  # groups of unequal size did occur
+        assert any(r["completions_per_prompt_max"] > 2 for r in _steps(single))
+    if "rollout.dynamic_sampling=true" in algo:  # and groups were dropped
+        assert any(r["dynamic_dropped_groups"] > 0 for r in _steps(single))
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     ours, theirs = _weights(ddp), _weights(single)
     assert ours.keys() == theirs.keys()

@@ -192,7 +192,7 @@ def test_checkpoint_state_is_json_and_tensors(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     trainer.train(load_config(overrides=_overrides(tiny_model_dir, run_dir, "max_steps=2")), task=_toy_task())
     state, tensors = checkpoint.load_training_state(run_dir / "checkpoint-0000002")  # weights_only=True
-    assert set(state["rng"]) == {"python", "numpy"} and state["step"] == 2 and state["estimator"]["history"]
+    assert set(state["rng"]) == {"python", "numpy"} and state["step"] == 2 and state["history"]["history"]
     assert tensors["torch_rng"].dtype == torch.uint8 and "optimizer" in tensors
 
 

@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from frugalrl.history import PromptHistory
+
 __all__ = [
     "AdvantageEstimator",
     "AdvantageOutput",
@@ -237,6 +239,13 @@ class AdvantageEstimator:
 
     name: ClassVar[str] = ""
     zero_signal_for_constant_groups: ClassVar[bool] = False
+    history: PromptHistory | None = None  # where each step's rewards are recorded, when set
+    _history_shared = False
+
+    def use_history(self, history: PromptHistory) -> None:
+        """Record every step's rewards into ``history`` (and, for kae, read baselines from it): the
+        run's one per-prompt history, shared with the rollout allocator, which saves it."""
+        self.history, self._history_shared = history, True
 
     def estimate(self, rewards: Tensor, prompt_ids: Sequence[str], step: int) -> AdvantageOutput:
         """Advantages for one training step.
@@ -252,6 +261,7 @@ class AdvantageEstimator:
         r, prompt_ids, step = _check_batch(rewards, prompt_ids, step)
         groups = _Groups.by_prompt(prompt_ids)
         advantages, baselines, metrics = self._estimate(r, groups, step)
+        self._record(prompt_ids, r, step)
         if self.zero_signal_for_constant_groups:
             # r - mean is only ~0 where the group sum rounds (three rewards of 0.1 in float64): the
             # trainer's filter at threshold 0 drops exact zeros, so make the promised 0 exact
@@ -263,6 +273,11 @@ class AdvantageEstimator:
         """r: (N,) float64 CPU rewards -> (advantages (N,), baselines (N,), metrics)."""
         raise NotImplementedError
 
+    def _record(self, prompt_ids: list[str], r: Tensor, step: int) -> None:
+        """After the baselines: this step's rewards join ``history`` (when there is one)."""
+        if self.history is not None:
+            self.history.record(prompt_ids, r.tolist(), step)
+
     def state_dict(self) -> dict[str, Any]:
         """Estimator memory as plain python containers; {} for stateless estimators."""
         return {}
@@ -272,7 +287,7 @@ class AdvantageEstimator:
             raise ValueError(f"estimator {self.name!r} is stateless but got state with keys {sorted(state)}")
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "history")
         return f"{type(self).__name__}({opts})"
 
 
@@ -439,8 +454,7 @@ class KAE(AdvantageEstimator):
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
             raise ValueError(f"max_history={max_history!r} is not valid; it must be an int >= 1")
         self.max_history = max_history
-        # prompt id -> (steps, rewards), oldest first
-        self._history: dict[str, tuple[list[int], list[float]]] = {}
+        self.history = PromptHistory(max_history)  # H(x), until ``use_history`` shares the run's
 
     def _kernel(self, u: Tensor) -> Tensor:
         """K(u) for distances u >= 0; both kernels have K(0) = 1 and support [0, 1]."""
@@ -461,7 +475,7 @@ class KAE(AdvantageEstimator):
 
     def _estimate(self, r, groups, step):
         P = len(groups.keys)
-        hist = [self._history.get(key, ([], [])) for key in groups.keys]
+        hist = [self.history.get(key) for key in groups.keys]
         counts = torch.tensor([len(steps) for steps, _ in hist], dtype=torch.float64)
         if self.bandwidth_mode == "auto":
             h = self.auto_c * (counts + groups.sizes) ** (-1 / 3)
@@ -488,31 +502,29 @@ class KAE(AdvantageEstimator):
         if self.scale == "batch" and r.numel() > 1:  # a batch of one has no std to divide by
             advantages = advantages / (advantages.std() + self.eps)
 
-        self._remember(groups, r, step, w)
-        metrics = {
-            "kae_fallback": float(fallback.sum()),
-            "kae_history_weight_mean": float(hist_w[i].mean()),
-            "kae_history_size": float(sum(len(steps) for steps, _ in self._history.values())),
-        }
+        metrics = {"kae_fallback": float(fallback.sum()), "kae_history_weight_mean": float(hist_w[i].mean())}
         return advantages, baselines, metrics
 
-    def _remember(self, groups: _Groups, r: Tensor, step: int, w: Tensor) -> None:
-        """Append this step's rewards to H(x); drop entries that can no longer count."""
-        prune = self.bandwidth_mode != "auto"
-        alive = (w > 0).tolist()
-        rewards_by_group: list[list[float]] = [[] for _ in groups.keys]
-        for g, z in zip(groups.index.tolist(), r.tolist()):
-            rewards_by_group[g].append(z)
-        pos = 0  # walks the flattened entries in the order _estimate built them
-        for key, new in zip(groups.keys, rewards_by_group):
-            steps, rewards = self._history.get(key, ([], []))
-            keep = alive[pos:pos + len(steps)] if prune else [True] * len(steps)
-            pos += len(steps)
-            steps = [s for s, k in zip(steps, keep) if k] + [step] * len(new)
-            rewards = [z for z, k in zip(rewards, keep) if k] + new
-            self._history[key] = (steps[-self.max_history:], rewards[-self.max_history:])
-        if prune:
-            self._drop_stale_prompts(step)
+    def estimate(self, rewards: Tensor, prompt_ids: Sequence[str], step: int) -> AdvantageOutput:
+        out = super().estimate(rewards, prompt_ids, step)
+        out.metrics["kae_history_size"] = float(self.history.size())  # after this step's rewards joined
+        return out
+
+    def _record(self, prompt_ids: list[str], r: Tensor, step: int) -> None:
+        """Add this step's rewards to H(x); in a history of its own, drop entries that can no longer count.
+
+        A shared history (``use_history``) is not pruned: the rollout allocator reads a prompt's
+        past visits an epoch later, long after they stopped counting for KAE.
+        """
+        super()._record(prompt_ids, r, step)
+        if self._history_shared or self.bandwidth_mode == "auto":  # in "auto" mode h moves with N(x)
+            return
+        h = torch.tensor([self.bandwidth], dtype=torch.float64)
+        for key in dict.fromkeys(prompt_ids):
+            steps, rewards = self.history.get(key)
+            alive = (self._weight(step, torch.tensor(steps, dtype=torch.float64), h) > 0).tolist()
+            self.history.set(key, [s for s, k in zip(steps, alive) if k], [z for z, k in zip(rewards, alive) if k])
+        self._drop_stale_prompts(step)
 
     def _drop_stale_prompts(self, step: int) -> None:
         """Forget prompts absent from recent batches whose newest entry already has weight 0.
@@ -520,23 +532,23 @@ class KAE(AdvantageEstimator):
         Older entries of a prompt have larger lags, so a zero weight for the newest one means
         the whole history is dead. Keeps memory bounded by the recent prompts, not the dataset.
         """
-        keys = list(self._history)
-        newest = torch.tensor([float(self._history[k][0][-1]) for k in keys], dtype=torch.float64)
+        keys = list(self.history.entries)
+        newest = torch.tensor([float(self.history.get(k)[0][-1]) for k in keys], dtype=torch.float64)
         dead = self._weight(step, newest, torch.full_like(newest, self.bandwidth)) == 0
         for k in (keys[j] for j in dead.nonzero().flatten().tolist()):
-            del self._history[k]
+            self.history.set(k, [], [])
 
     def state_dict(self) -> dict[str, Any]:
-        """{"history": {prompt_id: [[step, reward], ...]}}, oldest first; JSON-safe, exact."""
-        return {"history": {k: [[s, z] for s, z in zip(steps, rewards)]
-                            for k, (steps, rewards) in self._history.items()}}
+        """{"history": {prompt_id: [[step, reward], ...]}}, oldest first; JSON-safe, exact. {} when
+        the history is shared (``use_history``): its owner saves it."""
+        return {} if self._history_shared else {"history": self.history.state_dict()["history"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state) - {"history"}
         if unknown:
             raise ValueError(f"unexpected kae state keys {sorted(unknown)}; expected {{'history': ...}}")
-        self._history = {str(k): ([int(s) for s, _ in pairs], [float(z) for _, z in pairs])
-                         for k, pairs in state.get("history", {}).items() if pairs}
+        if "history" in state:  # absent when the history was shared, and restored by its owner
+            self.history.load_state_dict({"history": state["history"], "population": self.history.population})
 
 
 @register_estimator("astar")

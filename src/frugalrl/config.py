@@ -139,6 +139,28 @@ class RolloutConfig:
                                  gt=0, max=1)
     vllm_sleep: bool = opt(True, "vllm: release the engine's GPU memory between rollouts (sleep mode), for the "
                            "training step")
+    allocation: str = opt("uniform", "which prompts a step rolls out and how many completions each gets, "
+                          "always batch_prompts x group_size in all: uniform = the sampler's batch, G each; skip = "
+                          "skip prompts whose groups are predicted all-equal (GRESO), drawing more to fill the batch; "
+                          "budget = choose prompts and counts from rollout.candidates to maximise the expected "
+                          "learning signal (Knapsack RL); see README", choices=("uniform", "skip", "budget"))
+    candidates: int = opt(0, "budget: prompts considered per step (0 = 2 x batch_prompts)", min=0)
+    min_per_prompt: int = opt(2, "budget: fewest completions of a prompt that is rolled out", min=1)
+    max_per_prompt: int = opt(8, "budget: most completions of one prompt", min=1)
+    skip_floor: float = opt(0.1, "skip: the least chance that a prompt is rolled out when considered, however "
+                            "sure the prediction (so that a skipped prompt is re-checked)", gt=0, max=1)
+    passrate_prior: str = opt("population", "prior of a prompt's pass rate before its history: population = the "
+                              "run's mean reward; vstar = A*-PO's stage-1 pass rate; cross_prompt = the pass rates of "
+                              "the most similar prompts (the starting policy's hidden states)",
+                              choices=("population", "vstar", "cross_prompt"))
+    passrate_strength: float = opt(2.0, "weight of the prior in a pass-rate estimate, in samples", gt=0)
+    passrate_visits: float = opt(2.0, "pass-rate estimate: a prompt's k-th most recent visit weighs "
+                                 "exp(-k / this), in visits (not steps: a prompt recurs once an epoch)", gt=0)
+    prior_neighbors: int = opt(32, "cross_prompt prior: similar prompts it averages", min=1)
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal and roll "
+                                 "out more prompts until batch_prompts groups differ (their generation is paid for)")
+    dynamic_max_rounds: int = opt(4, "dynamic_sampling: most rollout rounds per step (then the batch is filled with "
+                                  "all-equal groups)", min=1)
 
 
 @dataclass
@@ -279,6 +301,28 @@ _GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 VSTAR_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
 
 
+def _check_allocation(cfg: Config) -> None:
+    ro, estimator = cfg.rollout, cfg.algo.estimator
+    if ro.allocation == "budget":
+        if ro.min_per_prompt > ro.max_per_prompt:
+            raise ConfigError(f"rollout.min_per_prompt={ro.min_per_prompt} exceeds rollout.max_per_prompt="
+                              f"{ro.max_per_prompt}; lower the first or raise the second")
+        if estimator in _GROUP_ESTIMATORS and ro.min_per_prompt < 2:
+            raise ConfigError(f"algo.estimator={estimator} learns nothing from a prompt with one completion; set "
+                              "rollout.min_per_prompt >= 2")
+        candidates = ro.candidates or 2 * ro.batch_prompts
+        if candidates * ro.max_per_prompt < ro.batch_prompts * ro.group_size:
+            raise ConfigError(f"rollout.allocation=budget: {candidates} candidates x rollout.max_per_prompt="
+                              f"{ro.max_per_prompt} cannot spend the {ro.batch_prompts * ro.group_size} completions of "
+                              "a step; raise rollout.candidates or rollout.max_per_prompt")
+    if ro.dynamic_sampling and ro.allocation != "uniform":
+        raise ConfigError(f"rollout.dynamic_sampling replaces the allocation; it needs rollout.allocation=uniform "
+                          f"(got {ro.allocation})")
+    if ro.passrate_prior == "vstar" and estimator != "astar":
+        raise ConfigError("rollout.passrate_prior=vstar reads A*-PO's stage-1 samples, which only "
+                          "algo.estimator=astar makes; use population or cross_prompt")
+
+
 def _check_consistency(cfg: Config) -> None:
     """Rules that involve several options (each option's own type and range are checked as
     it is set); raise ConfigError saying what to change."""
@@ -286,6 +330,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"algo.estimator={cfg.algo.estimator} compares the completions of each prompt, so it "
                           f"needs rollout.group_size >= 2 (got {cfg.rollout.group_size}); raise it, or use "
                           "algo.estimator=kae or reinforce, which work with one completion per prompt")
+    _check_allocation(cfg)
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} "
                           "reward.funcs; give one weight per function, or none (1 each)")

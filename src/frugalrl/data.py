@@ -100,15 +100,24 @@ class PromptSampler:
     def next(self) -> list[dict]:
         """The prompt rows for the next step."""
         if not self.current or self.uses >= self.sticky_steps:
-            if self.pos + self.batch_prompts > len(self.order):
-                self.order = list(range(len(self.rows)))
-                self.rng.shuffle(self.order)
-                self.pos = 0
-            self.current = self.order[self.pos:self.pos + self.batch_prompts]
-            self.pos += self.batch_prompts
+            self.current = self._draw(self.batch_prompts)
             self.uses = 0
         self.uses += 1
         return [self.rows[i] for i in self.current]
+
+    def more(self, n: int) -> list[dict]:
+        """``n`` further prompts of the epoch order, for a step that needs more than its batch
+        (``rollout.allocation``, ``rollout.dynamic_sampling``); not sticky."""
+        return [self.rows[i] for i in self._draw(min(n, len(self.rows)))]
+
+    def _draw(self, n: int) -> list[int]:
+        """The next ``n`` indices of the epoch order; a new shuffled epoch when fewer are left."""
+        if self.pos + n > len(self.order):
+            self.order = list(range(len(self.rows)))
+            self.rng.shuffle(self.order)
+            self.pos = 0
+        self.pos += n
+        return self.order[self.pos - n:self.pos]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos,

@@ -23,7 +23,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
     """Two panels (x = step, x = training wall seconds), each with the sampled reward
-    (moving average) and the held-out greedy accuracy. ``records`` are metrics.jsonl rows."""
+    (moving average), the held-out greedy accuracy and the share of groups whose rewards were
+    all equal (moving average). ``records`` are metrics.jsonl rows."""
     steps = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_accuracy" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -33,6 +34,10 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
                 label=f"sampled reward (mean of {window} steps)", color="tab:blue")
         ax.plot([r[key] for r in evals], [r["eval_accuracy"] for r in evals], "o-",
                 label="held-out greedy accuracy", color="tab:orange")
+        equal = [r for r in steps if "all_equal_realised" in r]
+        if equal:  # what the rollout allocation acts on: groups that teach nothing under group baselines
+            ax.plot([r[key] for r in equal], _smooth([r["all_equal_realised"] for r in equal], window), "--",
+                    label="share of all-equal groups", color="tab:grey", lw=1)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reward / accuracy")

@@ -6,9 +6,10 @@ on, so that a resumed run on CPU is identical to one that was never stopped:
 * model and tokenizer (safetensors), optimizer, scheduler and PPO's critic (``optimizer.pt``,
   read back with ``torch.load(weights_only=True)``, never arbitrary pickle), the torch RNG (a
   tensor there),
-* ``trainer_state.json``: step, wall-clock and sample counters, estimator memory (KAE
-  history), the prompt sampler's position, the python and numpy RNGs, and a fingerprint of
-  the training prompts (resuming on different data is refused).
+* ``trainer_state.json``: step, wall-clock and sample counters, the per-prompt reward history
+  (KAE's baselines and the allocator's pass rates), the allocator's RNG, the prompt sampler's
+  position, the python and numpy RNGs, and a fingerprint of the training prompts (resuming on
+  different data is refused).
 
 ``metrics.jsonl`` is cut back to the checkpoint's step on resume, so the steps that run again
 are neither duplicated nor missing.
@@ -124,6 +125,8 @@ class Resumable:
     estimator: Any
     sampler: Any
     train_rows: list[dict]
+    history: Any = None  # history.PromptHistory
+    allocator: Any = None  # allocation.Allocator
 
 
 def save_training_checkpoint(run_dir: Path, step: int, run: Resumable, counters: dict, keep: int,
@@ -133,6 +136,9 @@ def save_training_checkpoint(run_dir: Path, step: int, run: Resumable, counters:
     is saved by every rank of ``dist`` (``sharding.save_checkpoint``), any other by rank 0 alone."""
     state = {"step": step, **counters, "estimator": run.estimator.state_dict(), "sampler": run.sampler.state_dict(),
              "rng": rng_state(), "data": data_fingerprint(run.train_rows)}
+    for name in ("history", "allocator"):
+        if getattr(run, name) is not None:
+            state[name] = getattr(run, name).state_dict()
     if sharding.is_sharded(run.model):
         return sharding.save_checkpoint(run_dir, step, run.model, run.tokenizer, run.optimizer, run.scheduler, state,
                                         dist, keep=keep, extra_tensors={"learner": run.learner.state_dict()})
@@ -158,8 +164,11 @@ def restore_training_state(path: Path, run: Resumable) -> dict:
         run.optimizer.load_state_dict(tensors["optimizer"])
     run.scheduler.load_state_dict(tensors["scheduler"])
     run.learner.load_state_dict(tensors["learner"])
-    run.estimator.load_state_dict(state["estimator"])
+    run.estimator.load_state_dict(state["estimator"])  # before the history: an older kae state holds it
     run.sampler.load_state_dict(state["sampler"])
+    for name in ("history", "allocator"):  # absent from checkpoints written before they existed
+        if getattr(run, name) is not None and name in state:
+            getattr(run, name).load_state_dict(state[name])
     # Last, so that nothing done while building the run draws from the restored streams.
     set_rng_state(state["rng"], tensors)
     return state

@@ -44,6 +44,23 @@ class Rollout:
         return Rollout(self.prompt_ids[t], self.prompt_mask[t], self.completion_ids[t],
                        self.completion_mask[t], self.truncated[t], [self.texts[i] for i in idx])
 
+    @staticmethod
+    def cat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """The sequences of ``parts`` one after another, prompts re-padded on the left and
+        completions on the right (with ``pad_id``, masked out) to the widest of them."""
+        P = max(r.prompt_ids.shape[1] for r in parts)
+        T = max(r.completion_ids.shape[1] for r in parts)
+
+        def pad(x, width, left, value):
+            extra = width - x.shape[1]
+            return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+        return Rollout(torch.cat([pad(r.prompt_ids, P, True, pad_id) for r in parts]),
+                       torch.cat([pad(r.prompt_mask, P, True, 0) for r in parts]),
+                       torch.cat([pad(r.completion_ids, T, False, pad_id) for r in parts]),
+                       torch.cat([pad(r.completion_mask, T, False, 0) for r in parts]),
+                       torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts])
+
     def to(self, device) -> "Rollout":
         """The same rollout with its tensors on ``device``."""
         return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),

@@ -4,11 +4,16 @@ The trainer orchestrates; the math lives in ``advantages.py`` (estimators), ``lo
 (losses and their aggregation) and ``update.py`` (the optimizer steps). Before the first step,
 A*-PO computes V* (``vstar.py``, stage 1, cached). One step:
 
-1. draw ``rollout.batch_prompts`` prompts (``PromptSampler``; sticky for KAE),
-2. sample ``rollout.group_size`` completions of each in one ``generate`` call (or one call of a
-   vLLM engine that first receives the current weights, ``rollout.backend=vllm``),
-3. score them with the task's reward function,
-4. turn rewards into advantages with the configured estimator,
+1. plan the rollout (``allocation.py``): ``rollout.batch_prompts`` prompts from the
+   ``PromptSampler`` (sticky for KAE), ``rollout.group_size`` completions each, or, under
+   ``rollout.allocation`` skip/budget, prompts and counts chosen from their pass rates p̂
+   (``passrate.py``), the same number of completions in all,
+2. sample the completions in one ``generate`` call (or one call of a vLLM engine that first
+   receives the current weights, ``rollout.backend=vllm``),
+3. score them with the task's reward function (``rollout.dynamic_sampling``: drop the groups
+   whose rewards are all equal and repeat 2-3 on further prompts until the batch is full),
+4. turn rewards into advantages with the configured estimator; the rewards join the run's
+   per-prompt history (``history.py``), which KAE's baselines and the next plans read,
 5. drop samples whose advantage is zero (or |A| <= train.filter_threshold) before their
    forward pass, back-propagate the rest in micro-batches of ``train.micro_batch`` with one
    loss normaliser for the whole rollout batch, and take one AdamW step (or
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,11 +37,14 @@ from rich.table import Table
 
 from frugalrl import checkpoint, distributed, recovery, sharding, vstar
 from frugalrl.advantages import get_estimator
+from frugalrl.allocation import Allocator, Plan, keep_varied
 from frugalrl.config import Config, save_config
 from frugalrl.data import PromptSampler, Task, load_task
 from frugalrl.evaluation import evaluate, examples, score
+from frugalrl.history import PromptHistory
 from frugalrl.models import (check_prompt_lengths, cpu_threads, load_policy, policy_device, prepare_for_training,
                              resolve_model_path, sft_info)
+from frugalrl.passrate import PassRateEstimator, prompt_embeddings
 from frugalrl.plots import plot_run
 from frugalrl.progress import TrainProgress
 from frugalrl.prompts import format_task
@@ -135,6 +143,49 @@ def load_inputs(cfg: Config, console: Console, task: Task | None = None):
 
 
 @dataclass
+class StepSamples:
+    """One step's samples. Global (the same on every rank): ``ids`` (N prompt ids), ``all_rewards``
+    (N,), ``mine`` (N,) bool, which of them this rank holds, ``generated``, the completions
+    generated for them (more than N when dynamic sampling dropped some). This rank's share, in
+    global order: ``rows`` (one prompt row per sample), ``rollout``, ``rewards``."""
+
+    ids: list[str]
+    rows: list[dict]
+    rollout: Rollout
+    rewards: torch.Tensor
+    all_rewards: torch.Tensor
+    mine: torch.Tensor
+    generated: int
+    metrics: dict = field(default_factory=dict)
+
+    def select(self, keep: torch.Tensor) -> StepSamples:
+        """The samples where the global (N,) bool ``keep`` is True."""
+        local = keep[self.mine]
+        return StepSamples([k for k, b in zip(self.ids, keep.tolist()) if b],
+                           [r for r, b in zip(self.rows, local.tolist()) if b], self.rollout.select(local),
+                           self.rewards[local], self.all_rewards[keep], self.mine[keep], self.generated)
+
+    @staticmethod
+    def cat(parts: list[StepSamples], pad_id: int) -> StepSamples:
+        return StepSamples([k for p in parts for k in p.ids], [r for p in parts for r in p.rows],
+                           Rollout.cat([p.rollout for p in parts], pad_id), torch.cat([p.rewards for p in parts]),
+                           torch.cat([p.all_rewards for p in parts]), torch.cat([p.mine for p in parts]),
+                           sum(p.generated for p in parts))
+
+
+def build_allocator(cfg: Config, sampler: PromptSampler, history: PromptHistory, estimator,
+                    v_star: dict[str, float] | None, stage_one: dict[str, float] | None, embeddings) -> Allocator:
+    """The run's ``rollout.allocation`` with its pass-rate estimate (``rollout.passrate_*``); the
+    first-visit Brier score of the population prior is logged next to that of any other prior."""
+    ro = cfg.rollout
+    rates = PassRateEstimator(history, visits_bandwidth=ro.passrate_visits, strength=ro.passrate_strength,
+                              prior=ro.passrate_prior, vstar_rates=stage_one, embeddings=embeddings,
+                              neighbors=ro.prior_neighbors)
+    return Allocator(ro, sampler, rates, group_baseline=estimator.zero_signal_for_constant_groups, vstar=v_star,
+                     compare_priors=("population",), seed=cfg.seed)
+
+
+@dataclass
 class RunResult:
     run_dir: Path
     accuracy_before: float | None
@@ -167,6 +218,21 @@ def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict],
         first = np.mean([r["reward_mean"] for r in steps[:k]])
         last = np.mean([r["reward_mean"] for r in steps[-k:]])
         table.add_row(f"sampled reward, first -> last {k} steps", f"{first:.3f} -> {last:.3f}")
+    ro = cfg.rollout
+    if steps and (ro.allocation != "uniform" or ro.dynamic_sampling):
+        rolled, considered = (sum(r[k] for r in steps) for k in ("prompts_rolled_out", "prompts_considered"))
+        table.add_row(f"rollout.allocation={ro.allocation}: prompts rolled out / considered",
+                      f"{rolled:.0f} / {considered:.0f}")
+        table.add_row("completions per prompt: mean, max",
+                      f"{np.mean([r['completions_per_prompt_mean'] for r in steps]):.2f}, "
+                      f"{max(r['completions_per_prompt_max'] for r in steps):.0f}")
+    if steps and ro.dynamic_sampling:
+        trained = len(steps) * ro.batch_prompts * ro.group_size
+        table.add_row("dynamic sampling: completions generated / trained", f"{steps[-1]['samples']} / {trained}")
+    if steps and "all_equal_realised" in steps[0]:
+        table.add_row("all-equal groups (first round), predicted -> realised, mean over steps",
+                      f"{np.mean([r['all_equal_predicted'] for r in steps]):.3f} -> "
+                      f"{np.mean([r['all_equal_realised'] for r in steps]):.3f}")
     history = [r["kae_history_weight_mean"] for r in steps if "kae_history_weight_mean" in r]
     if history:  # 0 throughout: no baseline drew on a prompt's past, and KAE behaved like rloo
         table.add_row("KAE history weight (kae_history_weight_mean), mean over steps", f"{np.mean(history):.3f}")
@@ -203,9 +269,8 @@ def train(cfg: Config, console: Console | None = None, task: Task | None = None,
 def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: distributed.Dist) -> RunResult:
     if not dist.is_main:  # rank 0 speaks for the run
         console = Console(quiet=True)
-    shard = dist.shard(cfg.rollout.batch_prompts)  # this rank's prompts of each batch
-    G, ro_cfg = cfg.rollout.group_size, cfg.rollout
-    mine = slice(shard.start * G, shard.stop * G)  # and their samples
+    ro_cfg = cfg.rollout
+    dist.shard(ro_cfg.batch_prompts)  # a batch must split evenly over the ranks
     run_dir = Path(cfg.output_dir)
     resume_from = dist.main_first(lambda: recovery.checkpoint_to_resume(cfg))
 
@@ -215,10 +280,14 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     warmup = sft_info(resolve_model_path(cfg)) or {}  # the embedded model's warm-up, for the record
     if cfg.data.max_prompt_tokens:
         prompt_counts += f" ({dropped['train']} / {dropped['eval']} dropped: > {cfg.data.max_prompt_tokens} tokens)"
-    v_star = None
+    v_star = stage_one = embeddings = None
     if cfg.algo.estimator == "astar":  # A*-PO stage 1, from the starting weights (cached)
-        v_star, train_rows = dist.main_first(lambda: vstar.prepare(cfg, model, tokenizer, task, console))
+        v_star, train_rows, stage_one = dist.main_first(
+            lambda: (*vstar.prepare(cfg, model, tokenizer, task, console), vstar.pass_rates(cfg, task)))
         task = Task(train_rows, task.eval_rows, task.reward_fn)
+    if cfg.rollout.passrate_prior == "cross_prompt":  # from the starting weights: the same on every rank and resume
+        embeddings = ([r["id"] for r in task.train_rows],
+                      prompt_embeddings(model, tokenizer, [r["prompt"] for r in task.train_rows]))
     # Again: building the embedded SFT model or V* (or finding them cached) must not change
     # what the run draws.
     set_seed(cfg.seed)
@@ -226,7 +295,10 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     device = next(model.parameters()).device
     vllm_engine = VLLMRollout.create(resolve_model_path(cfg), tokenizer, cfg) if cfg.rollout.backend == "vllm" else None
     estimator = build_estimator(cfg, v_star)
+    history = PromptHistory()  # every prompt's rewards: KAE's baselines and the allocator's p̂ read it
+    estimator.use_history(history)
     sampler = PromptSampler(task.train_rows, cfg.rollout.batch_prompts, cfg.data.sticky_steps, cfg.seed)
+    allocator = build_allocator(cfg, sampler, history, estimator, v_star, stage_one, embeddings)
     no_history = kae_history_warning(cfg, len(task.train_rows))
     if no_history:
         console.print(f"warning: {no_history}", style="bold yellow", markup=False, highlight=False)
@@ -234,7 +306,8 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     learner = Learner(model, optimizer, cfg, dist, scheduler)
-    run = recovery.Resumable(model, tokenizer, optimizer, scheduler, learner, estimator, sampler, task.train_rows)
+    run = recovery.Resumable(model, tokenizer, optimizer, scheduler, learner, estimator, sampler, task.train_rows,
+                             history, allocator)
     wall, samples, start = 0.0, 0, 0
     if resume_from:
         state = recovery.restore_training_state(resume_from, run)
@@ -274,6 +347,52 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
                 trackers.log_examples(shown, step)
         dist.barrier()
 
+    def generate_rows(sample_rows: list[dict]) -> StepSamples:
+        """This rank's share of the completions of ``sample_rows`` (the global batch, one row per
+        completion), generated and scored; the rewards of every rank gathered."""
+        n = len(sample_rows)
+        share = dist.shard(n, "completions per step (rollout.batch_prompts x rollout.group_size)")
+        # one uniform per sample and token of the global batch: a sample's tokens do not
+        # depend on which rank generates it
+        uniforms = (1.0 - torch.rand(n, ro_cfg.max_new_tokens))[share]
+        rows = sample_rows[share]
+        sampling = dict(max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p)
+        prompts = [r["prompt"] for r in rows]
+        with sharding.full_weights(model) as whole:  # fsdp: each rank gathers the weights to sample
+            rollout = (vllm_engine.generate(whole, prompts, **sampling) if vllm_engine
+                       else generate(whole, tokenizer, prompts, uniforms=uniforms, **sampling))
+        rewards = score(task.reward_fn, rows, rollout.texts)
+        mine = torch.zeros(n, dtype=torch.bool)
+        mine[share] = True
+        return StepSamples([r["id"] for r in sample_rows], rows, rollout, rewards, dist.gather(rewards), mine, n)
+
+    def roll_out(plan: Plan) -> StepSamples:
+        """The step's samples as ``plan`` says; under rollout.dynamic_sampling, DAPO's rounds: keep
+        the groups whose rewards differ, roll out further prompts until batch_prompts groups are
+        kept (the last round fills up with all-equal ones). Every round's generation counts."""
+        first = generate_rows(plan.sample_rows())
+        first.metrics = allocator.metrics(plan, first.all_rewards.numpy())
+        if not ro_cfg.dynamic_sampling:
+            return first
+        G, kept, need, dropped = ro_cfg.group_size, [], ro_cfg.batch_prompts, 0
+        generated, batch = 0, first
+        for round_ in range(1, ro_cfg.dynamic_max_rounds + 1):
+            if round_ > 1:
+                batch = generate_rows([r for r in sampler.more(ro_cfg.batch_prompts) for _ in range(G)])
+            generated += batch.generated
+            group_of = np.arange(len(batch.ids)) // G
+            varied = keep_varied(batch.all_rewards.numpy(), group_of)
+            order = np.flatnonzero(varied) if round_ < ro_cfg.dynamic_max_rounds else np.argsort(~varied, kind="stable")
+            take = np.sort(order[:need])
+            need, dropped = need - len(take), dropped + len(varied) - len(take)
+            kept.append(batch.select(torch.from_numpy(np.isin(group_of, take))))
+            if not need:
+                break
+        out = StepSamples.cat(kept, tokenizer.pad_token_id)
+        out.generated = generated
+        out.metrics = {**first.metrics, "dynamic_rounds": round_, "dynamic_dropped_groups": dropped}
+        return out
+
     evals = [r for r in metrics.rows if "eval_accuracy" in r]  # the earlier ones, when resuming
     step, bad_steps = start, 0
     with trackers, TrainProgress(console, cfg.max_steps, start, cfg.log_every, cfg.max_wall_s) as progress, \
@@ -282,32 +401,24 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             run_eval(0)
         for step in range(start + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
-            batch = sampler.next()  # the global batch: the same on every rank
-            # one uniform per sample and token of the global batch: a sample's tokens do not
-            # depend on which rank generates it
-            uniforms = 1.0 - torch.rand(len(batch) * G, ro_cfg.max_new_tokens)
-            rows, uniforms = batch[shard], uniforms[mine]
-            prompts = [r["prompt"] for r in rows for _ in range(G)]
-            sampling = dict(max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p)
-            with sharding.full_weights(model) as whole:  # fsdp: each rank gathers the weights to sample
-                rollout = (vllm_engine.generate(whole, prompts, **sampling) if vllm_engine
-                           else generate(whole, tokenizer, prompts, uniforms=uniforms, **sampling))
+            plan = allocator.plan()  # the global batch: the same on every rank
+            batch = roll_out(plan)
+            rollout, rewards, all_rewards = batch.rollout, batch.rewards, batch.all_rewards
             t_gen = time.perf_counter() - t0
-            rewards = score(task.reward_fn, rows, rollout.texts, G)
-            all_rewards = dist.gather(rewards)  # the estimator sees the global batch
-            est = estimator.estimate(all_rewards, [r["id"] for r in batch for _ in range(G)], step)
-            update = learner.update(rollout, rewards, est.advantages[mine])  # steps the lr schedule too
+            est = estimator.estimate(all_rewards, batch.ids, step)  # on the global batch
+            update = learner.update(rollout, rewards, est.advantages[batch.mine])  # steps the lr schedule too
             dist.sync_rng()
             # the slowest rank's time, so that every rank agrees on max_wall_s
             dt = dist.max([time.perf_counter() - t0])[0]
             wall += dt
             generated, truncated = dist.sum([rollout.completion_mask.sum().item(), rollout.truncated.sum().item()])
-            samples += len(all_rewards)
+            samples += batch.generated
             row = {"step": step, "reward_mean": all_rewards.mean().item(), "loss": update.pop("loss"),
                    "wall_s": round(wall, 3), "samples": samples, "step_s": round(dt, 3),
                    "gen_s": round(t_gen, 3), "lr": scheduler.get_last_lr()[0],
                    "tokens_generated": int(generated), "truncation_rate": truncated / len(all_rewards),
                    "baseline_mean": est.baselines.mean().item(), **update, **est.metrics,
+                   **batch.metrics,  # the allocation's (and dynamic sampling's) figures
                    # per-function means, errors and timeouts when reward.funcs combines several
                    **getattr(task.reward_fn, "last_stats", {})}
             if step == 1:  # the data this run trains on, once
@@ -317,7 +428,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
                     row.update(sft_steps=warmup["sft_steps"], sft_check_accuracy=warmup.get("check_accuracy"))
             log(row)
             if on_step is not None:
-                on_step(step, model, rows, rollout, rewards)
+                on_step(step, model, batch.rows, rollout, rewards)
             bad_steps = bad_steps + 1 if update["bad_step"] else 0
             if bad_steps >= cfg.train.max_bad_steps:
                 raise recovery.TrainingDiverged(bad_steps, step, run_dir)

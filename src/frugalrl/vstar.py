@@ -256,3 +256,12 @@ def prepare(cfg, model, tokenizer, task: Task, console: Console | None = None) -
                              f"(V* cache {path}), so algo.vstar_drop_unsolved=true leaves nothing to train on; "
                              f"set it to false, or raise algo.vstar_n")
     return {r["id"]: prompts[r["id"]]["v_star"] for r in rows}, rows
+
+
+def pass_rates(cfg, task: Task) -> dict[str, float]:
+    """Stage 1's pass rate of each prompt: the mean reward of its n reference samples (a prior for
+    ``rollout.passrate_prior=vstar``). Reads the cache that ``prepare`` found or built for ``task``."""
+    rows = stage_one_rows(cfg, task)
+    meta = cache_meta(cfg, rows)
+    prompts = load_cache(cache_path(cfg, meta), meta)["prompts"]
+    return {r["id"]: sum(prompts[r["id"]]["rewards"]) / len(prompts[r["id"]]["rewards"]) for r in rows}

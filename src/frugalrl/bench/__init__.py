@@ -25,6 +25,8 @@ BENCHES = {
             "along a training run",
     "rollout": "generation tokens/s: frugalrl's sampler vs Hugging Face generate vs the machine's FLOP/s",
     "train": "every preset from one SFT checkpoint, several seeds, equal samples: accuracy, time to target, memory",
+    "budget": "where a step's completions go on finite pools: uniform RLOO vs dynamic sampling, skip and budget "
+              "allocation, 3 seeds x 2 tasks: time and completions to target, the priors' calibration",
     "peer": "frugalrl's GRPO vs TRL's GRPOTrainer, same model, task, G and budget: s/step, peak RSS, accuracy",
     "warmup": "the embedded model's SFT warm-up for several seeds and pool sizes: steps, accuracy reached, time",
     "scale": "peak RSS per process of train.strategy=ddp vs fsdp under torchrun (2 processes), on the largest "

@@ -60,6 +60,26 @@ class TrainOptions:
 
 
 @dataclass
+class BudgetOptions:
+    tasks: list[str] = opt(["embedded", "gym-chain-sum"], "tasks: embedded (the built-in task) and gym-chain-sum "
+                           "(configs/gym-chain-sum.yaml), each on a finite pool")
+    runs: list[str] = opt(["uniform", "dynamic", "skip", "budget", "budget_cross"], "runs of every task: uniform "
+                          "RLOO G=4 (the baseline, always run), dynamic (DAPO's dynamic sampling), skip, budget, "
+                          "budget_cross (budget with the cross-prompt prior)")
+    seeds: list[int] = opt([0, 1, 2], "seeds of every run")
+    pool: int = opt(2048, "training prompts of every task (data.train_size or data.size)", min=64)
+    steps: int = opt(150, "training steps of every run (256 trained completions each)", min=1)
+    eval_every: int = opt(10, "held-out accuracy read every N steps", min=1)
+    target_frac: float = opt(0.95, "target = this x uniform's mean final accuracy", gt=0, max=1)
+    dash_samples: int = opt(38400, "DASH vs TRL's GRPOTrainer (embedded task, whole pool): sampled completions of "
+                            "each run (0 = leave this comparison out)", min=0)
+    dash_eval_every_samples: int = opt(2560, "DASH vs TRL: held-out accuracy read every N sampled completions",
+                                       min=1)
+    configs_dir: str = opt("configs", "where the tasks' configs are (the repository's configs/)")
+    results_dir: str = opt("bench/results", "where budget.md, budget-TASK.png and summary.json are written")
+
+
+@dataclass
 class PeerOptions:
     steps: int = opt(50, "training steps of every run, on both sides (so both sample steps x P x G completions)",
                      min=2)
@@ -89,5 +109,5 @@ class ScaleOptions:
 
 
 OPTIONS = {"value": ValueOptions, "grad": GradOptions, "rollout": RolloutOptions, "train": TrainOptions,
-           "peer": PeerOptions, "warmup": WarmupOptions,
+           "budget": BudgetOptions, "peer": PeerOptions, "warmup": WarmupOptions,
            "scale": ScaleOptions}

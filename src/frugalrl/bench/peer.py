@@ -132,12 +132,16 @@ def trl_settings_line(settings: dict) -> str:
 class Record:
     """What a run reports: ``step_end_s``, the perf_counter time (s) at the end of each step;
     ``reward_mean``, each step's mean sampled reward; ``completions``, the completions sampled;
-    ``trl_settings``, the GRPOConfig a TRL run trained with (``trl_settings``; empty for frugalrl)."""
+    ``trl_settings``, the GRPOConfig a TRL run trained with (``trl_settings``; empty for frugalrl);
+    ``curve``, a TRL run's held-out accuracy readings when the run config has ``eval_every`` > 0:
+    (training seconds, completions, accuracy), as frugalrl's metrics.jsonl has them (before the
+    first step and every ``eval_every`` steps; evaluation time left out)."""
 
     step_end_s: list[float] = field(default_factory=list)
     reward_mean: list[float] = field(default_factory=list)
     completions: int = 0
     trl_settings: dict = field(default_factory=dict)
+    curve: list[tuple[float, int, float]] = field(default_factory=list)
 
     def sampled(self, rewards: torch.Tensor) -> None:
         self.reward_mean.append(rewards.mean().item())
@@ -195,9 +199,25 @@ def _train_trl(cfg: Config, console: Console) -> Record:
         record.sampled(rewards)
         return rewards.tolist()
 
+    clock = {"start": 0.0, "eval": 0.0}  # when training began; seconds spent evaluating since
+
+    def read_accuracy(now: float) -> None:
+        accuracy = evaluate(trainer.model, tokenizer, task.eval_rows, task.reward_fn,
+                            max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
+        record.curve.append((now - clock["start"] - clock["eval"], record.completions, accuracy))
+        clock["eval"] += time.perf_counter() - now
+
     class StepEnd(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock["start"] = time.perf_counter()
+            if cfg.eval_every:
+                read_accuracy(clock["start"])
+
         def on_step_end(self, args, state, control, **kwargs):
-            record.step_end_s.append(time.perf_counter())
+            now = time.perf_counter()
+            record.step_end_s.append(now)
+            if cfg.eval_every and (state.global_step % cfg.eval_every == 0 or state.global_step == cfg.max_steps):
+                read_accuracy(now)
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(task.train_rows),
                           processing_class=tokenizer, callbacks=[StepEnd()])
