@@ -142,3 +142,25 @@ def test_non_finite_values_at_padded_positions_do_not_reach_the_sums():
     assert (out.logprobs[mask == 0] == 0).all() and (out.entropy[mask == 0] == 0).all()
     loss = astar_loss(seq_logprobs, torch.zeros(2), torch.zeros(2), beta2=1.0, num_seqs_total=2)
     torch.testing.assert_close(loss, (lengths * math.log(V)).square().mean())
+
+
+def test_rollouts_concatenate_with_their_padding_widened():
+    """Rollout.cat: prompts re-padded on the left, completions on the right; what a model sees
+    (model_inputs without padding) is unchanged for every sequence."""
+    a = Rollout(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[7, 8]]),
+                torch.tensor([[1.0, 1.0]]), torch.tensor([False]), ["a"])
+    b = Rollout(torch.tensor([[9, 5, 6, 4], [3, 3, 3, 3]]), torch.ones(2, 4, dtype=torch.long),
+                torch.tensor([[2], [1]]), torch.tensor([[1.0], [1.0]]), torch.tensor([True, False]), ["b", "c"])
+    both = Rollout.cat([a, b], pad_id=0)
+    assert both.texts == ["a", "b", "c"] and both.truncated.tolist() == [False, True, False]
+    assert both.prompt_ids.tolist()[0] == [0, 0, 5, 6] and both.prompt_mask.tolist()[0] == [0, 0, 1, 1]
+    assert both.completion_ids.tolist()[1:] == [[2, 0], [1, 0]] and both.completion_mask.tolist()[1] == [1.0, 0.0]
+
+    def seen(r, k):  # sequence k's tokens and positions, padding left out
+        x = r.model_inputs()
+        keep = x["attention_mask"][k].bool()
+        return x["input_ids"][k][keep].tolist(), x["position_ids"][k][keep].tolist()
+
+    for part, rows in ((a, [0]), (b, [1, 2])):
+        for i, j in enumerate(rows):
+            assert seen(both, j) == seen(part, i)
