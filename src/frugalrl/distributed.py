@@ -30,6 +30,7 @@ by FSDP in the backward pass (``sharding.py``).
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterable, TypeVar
@@ -172,8 +173,13 @@ def init(device: str, group: bool = False) -> Dist:
 
 
 def close(dist: Dist) -> None:
-    """Leave the process group (after the last collective)."""
+    """Leave the process group (after the last collective).
+
+    Garbage is collected first: FSDP's modules hold their collectives' work handles in reference
+    cycles, and gloo work handles freed only at interpreter shutdown abort the process
+    ("terminate called without an active exception", seen at exit of 2-rank runs)."""
     if (dist.active or dist.owns_group) and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 
