@@ -15,7 +15,7 @@ from frugalrl.allocation import (Allocator, all_equal_probability, allocate_budg
 from frugalrl.config import ConfigError, load_config
 from frugalrl.data import PromptSampler
 from frugalrl.history import PromptHistory
-from frugalrl.passrate import PassRateEstimator, PassRates
+from frugalrl.passrate import PassRateEstimator
 from test_resume import COMPARED, _kill, _overrides, _resume, _rows, _run_until_hang
 from test_train import _toy_task
 
