@@ -281,6 +281,16 @@ def test_bad_choice_lists_allowed_values():
     assert "grpo|dr_grpo|rloo|reinforce|reinforce_pp|kae|astar" in msg and "did you mean 'grpo'" in msg
 
 
+def test_estimator_gae_names_its_replacement(tmp_path):
+    """PPO moved from algo.estimator=gae to algo.loss=ppo: the old setting says what to write instead."""
+    msg = error(overrides=["algo.estimator=gae"])
+    assert msg.startswith("override 'algo.estimator=gae': ") and "algo.loss=ppo" in msg and "configs/ppo.yaml" in msg
+    msg = error(path=write(tmp_path, "algo:\n  estimator: gae\n"))
+    assert "cfg.yaml" in msg and "algo.loss=ppo" in msg
+    with pytest.raises(ConfigError, match="algo.loss=ppo"):
+        validate_config(Config(algo=dataclasses.replace(Config().algo, estimator="gae")))
+
+
 def test_bad_value_in_yaml_names_file_key_value_type(tmp_path):
     msg = error(path=write(tmp_path, "rollout:\n  group_size: two\n"))
     assert "cfg.yaml" in msg and "'rollout.group_size'" in msg and "'two'" in msg and "int" in msg
@@ -468,7 +478,7 @@ def test_format_help_lists_every_key():
         assert any(line.strip().startswith(spec.key + " (") for line in lines), spec.key
     assert "algo options:" in text and "general options:" in text
     assert "algo.estimator (str, default rloo)" in text
-    assert "[choices: grpo|dr_grpo|rloo|reinforce|reinforce_pp|kae|astar|gae]" in text
+    assert "[choices: grpo|dr_grpo|rloo|reinforce|reinforce_pp|kae|astar]" in text
     assert "max_steps (int, default 600) training steps, one rollout batch each" in text
     assert 'model.name_or_path (str, default "")' in text
 

@@ -242,3 +242,86 @@ def test_value_loss_clip_by_hand():
     close(loss, 0.5 * (1.69 + 1.0) / 2)
     loss.backward()
     close(values.grad, [[0.0, -1.0 / 2]])
+
+
+# ------------------------------------------------------------------------------- the loss registry
+
+def _terms(*overrides):
+    from types import SimpleNamespace
+
+    from frugalrl.config import load_config
+    from frugalrl.losses import build_terms
+
+    policy = SimpleNamespace(config=SimpleNamespace(hidden_size=4), parameters=lambda: iter([torch.zeros(1)]))
+    return build_terms(load_config(overrides=list(overrides)), policy)
+
+
+def test_every_configurable_loss_is_registered():
+    from frugalrl.config import field_specs
+    from frugalrl.losses import list_losses
+
+    choices = next(s.choices for s in field_specs() if s.key == "algo.loss")
+    assert list_losses() == sorted(c for c in choices if c != "auto")
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ([], ["PolicyGradient"]),
+    (["algo.estimator=astar", "rollout.temperature=1"], ["AStarRegression"]),  # auto: A*-PO's own loss
+    (["algo.estimator=astar", "rollout.temperature=1", "algo.loss=pg"], ["PolicyGradient"]),
+    (["algo.loss=ppo", "algo.kl_coef=0.1", "algo.entropy_coef=0.01"], ["PPO", "KLPenalty", "EntropyBonus"]),
+])
+def test_build_terms_by_name(overrides, names):
+    assert [type(t).__name__ for t in _terms(*overrides)] == names
+
+
+def test_terms_declare_what_the_update_computes():
+    pg, = _terms()
+    assert pg.zero_advantage_no_gradient and pg.filterable and not pg.needs_reference
+    assert pg.metric_names == ("loss",)  # on-policy: clip fraction and ppo_kl are 0 by construction
+    off, = _terms("train.mini_batches=2")
+    assert off.metric_names == ("loss", "pg_clipfrac", "ppo_kl")
+    astar, = _terms("algo.estimator=astar", "rollout.temperature=1")
+    assert astar.needs_reference and not astar.zero_advantage_no_gradient
+    ppo, kl = _terms("algo.loss=ppo", "algo.kl_coef=0.1")
+    assert ppo.needs_hidden and not ppo.filterable and "value_loss" in ppo.metric_names
+    assert kl.needs_reference and kl.metric_names == ("loss", "kl_ref")
+    assert set(ppo.state_dict()) == {"critic", "critic_optimizer"} and pg.state_dict() == {}
+
+
+def test_register_loss_refuses_a_second_use_of_a_name():
+    from frugalrl.losses import LossTerm, register_loss
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("pg")(type("Other", (LossTerm,), {}))
+
+
+def test_kl_and_entropy_terms_add_up_to_their_formulas():
+    from types import SimpleNamespace
+
+    from frugalrl.losses import LossInputs
+
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    ent, mask = torch.tensor([[0.5, 0.25]]), torch.ones(1, 2)
+    norm = LossNorm.from_mask(mask, "token-mean")
+    _, kl, bonus = _terms("algo.kl_coef=0.1", "algo.entropy_coef=0.01", "algo.kl_estimator=k1")
+    out, inputs = SimpleNamespace(logprobs=lp, entropy=ent), LossInputs(torch.zeros(1), ref_logprobs=ref)
+    kl_loss, kl_metrics = kl(out, mask, inputs, norm)
+    assert float(kl_loss) == pytest.approx(0.1 * (0.5 - 1.0) / 2) and kl_metrics["kl_ref"] == pytest.approx(-0.25)
+    ent_loss, ent_metrics = bonus(out, mask, inputs, norm)
+    assert float(ent_loss) == pytest.approx(-0.01 * 0.375) and ent_metrics["entropy"] == pytest.approx(0.375)
+
+
+def test_update_reads_no_method_option():
+    """update.Learner only orchestrates: the options that pick or tune a method are read by the
+    registered loss terms (losses.py), never by update.py."""
+    import ast
+    import pathlib
+
+    import frugalrl.update
+
+    tree = ast.parse(pathlib.Path(frugalrl.update.__file__).read_text())
+    read = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "algo"}
+    assert read <= {"loss_agg"}, f"update.py reads method options {sorted(read - {'loss_agg'})}"
+    names = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not names & {"pg", "astar", "ppo", "gae", "kae", "grpo"}

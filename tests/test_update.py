@@ -13,6 +13,7 @@ from frugalrl.trainer import build_estimator
 from frugalrl.update import Learner
 
 N = 8
+PPO = ["algo.loss=ppo", "algo.estimator=reinforce", "algo.reinforce_baseline=none"]  # as configs/ppo.yaml
 LENGTHS = [3, 1, 5, 2, 4, 4, 1, 6]
 ADVANTAGES = torch.tensor([0.5, 0.0, -1.0, 0.0, 0.25, 0.05, -0.5, 0.0])
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0])
@@ -44,8 +45,8 @@ def make_learner(model_dir, overrides, micro_batch=N):
         with torch.no_grad():
             for p in learner.reference.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    if learner.critic is not None:  # a critic that predicts something, so the value loss is not trivial
-        torch.nn.init.normal_(learner.critic.net[-1].weight, std=0.3)
+    if hasattr(learner.loss, "critic"):  # a critic that predicts something, so the value loss is not trivial
+        torch.nn.init.normal_(learner.loss.critic.net[-1].weight, std=0.3)
     return learner
 
 
@@ -53,8 +54,8 @@ def run_update(learner, rollout):
     torch.manual_seed(1)  # mini-batch shuffling
     stats = learner.update(rollout, REWARDS, ADVANTAGES)
     weights = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
-    if learner.critic is not None:
-        weights.update({f"critic.{k}": v.detach().clone() for k, v in learner.critic.state_dict().items()})
+    if hasattr(learner.loss, "critic"):
+        weights.update({f"critic.{k}": v.detach().clone() for k, v in learner.loss.critic.state_dict().items()})
     return stats, weights
 
 
@@ -67,7 +68,7 @@ CONFIGS = {
     "astar": ["algo.estimator=astar", "rollout.temperature=1", "algo.astar_beta2=0.1", "algo.entropy_coef=0.001"],
     "ppo-epochs": ["train.ppo_epochs=2", "algo.clip_low=0.05", "algo.clip_high=0.05"],
     "ppo-mini-batches": ["train.ppo_epochs=2", "train.mini_batches=2", "train.filter_threshold=0.1"],
-    "gae-critic": ["algo.estimator=gae", "train.mini_batches=2", "algo.gae_lambda=0.9", "algo.value_clip=0.05"],
+    "gae-critic": [*PPO, "train.mini_batches=2", "algo.gae_lambda=0.9", "algo.value_clip=0.05"],
 }
 
 
@@ -148,7 +149,7 @@ def test_dropping_zero_advantages_leaves_the_update_unchanged(tiny_model_dir, to
     (["algo.estimator=astar", "rollout.temperature=1", "train.filter_threshold=0.1"], 4),
     (["algo.kl_coef=0.1"], 8),                                 # KL and entropy pull on A = 0 samples too
     (["algo.entropy_coef=0.01"], 8),
-    (["algo.estimator=gae", "train.filter_threshold=0.1"], 8),  # PPO: per-token advantages, the critic learns from all
+    ([*PPO, "train.filter_threshold=0.1"], 8),  # PPO: per-token advantages, the critic learns from all
 ])
 def test_forward_mask_rules(overrides, expected_kept, tiny_model_dir):
     learner = make_learner(tiny_model_dir, overrides)
@@ -170,7 +171,7 @@ def test_threshold_zero_drops_constant_groups_only_where_they_carry_no_signal(es
 
 def test_reference_only_when_needed(tiny_model_dir, tokenizer):
     assert make_learner(tiny_model_dir, []).reference is None
-    assert make_learner(tiny_model_dir, ["algo.estimator=gae"]).reference is None
+    assert make_learner(tiny_model_dir, PPO).reference is None
     learner = make_learner(tiny_model_dir, ["algo.kl_coef=0.01"])
     ref = learner.reference
     assert ref is not None and not ref.training and not any(p.requires_grad for p in ref.parameters())
@@ -181,12 +182,12 @@ def test_reference_only_when_needed(tiny_model_dir, tokenizer):
 
 
 def test_critic_state_round_trip(tiny_model_dir, tokenizer):
-    learner = make_learner(tiny_model_dir, ["algo.estimator=gae"])
+    learner = make_learner(tiny_model_dir, PPO)
     run_update(learner, make_rollout(tokenizer))
-    other = make_learner(tiny_model_dir, ["algo.estimator=gae"])
+    other = make_learner(tiny_model_dir, PPO)
     other.load_state_dict(learner.state_dict())
-    for k, v in learner.critic.state_dict().items():
-        assert torch.equal(other.critic.state_dict()[k], v)
+    for k, v in learner.loss.critic.state_dict().items():
+        assert torch.equal(other.loss.critic.state_dict()[k], v)
     assert make_learner(tiny_model_dir, []).state_dict() == {}
 
 
@@ -198,10 +199,10 @@ def test_outcome_token_rewards_by_hand():
 
 
 def test_critic_has_its_own_learning_rate(tiny_model_dir):
-    learner = make_learner(tiny_model_dir, ["algo.estimator=gae", "train.lr=1e-4", "train.critic_lr=0.0123"])
-    assert [g["lr"] for g in learner.critic_optimizer.param_groups] == [0.0123]
-    assert {id(p) for p in learner.critic.parameters()} == \
-        {id(p) for g in learner.critic_optimizer.param_groups for p in g["params"]}
+    learner = make_learner(tiny_model_dir, [*PPO, "train.lr=1e-4", "train.critic_lr=0.0123"])
+    assert [g["lr"] for g in learner.loss.optimizer.param_groups] == [0.0123]
+    assert {id(p) for p in learner.loss.critic.parameters()} == \
+        {id(p) for g in learner.loss.optimizer.param_groups for p in g["params"]}
 
 
 def test_sum_norm_divides_by_the_generation_budget(tiny_model_dir, tokenizer):
@@ -406,16 +407,16 @@ def test_ppo_critic_and_policy_gradients_of_one_sample(tiny_model_dir, tokenizer
     is that of -sum_t (r - V_t) log pi(y_t); the critic's that of 0.5 sum_t (V_t - r)^2, so a
     step of it brings the values closer to r."""
     rollout, reward = one_sample(tokenizer), 1.0
-    learner = make_learner(tiny_model_dir, [*ONE, "algo.estimator=gae", "train.critic_lr=1e-3"])
-    params, critic_params = list(learner.model.parameters()), list(learner.critic.parameters())
+    learner = make_learner(tiny_model_dir, [*ONE, *PPO, "train.critic_lr=1e-3"])
+    params, critic_params = list(learner.model.parameters()), list(learner.loss.critic.parameters())
     lp, _, hidden = by_hand(learner.model, rollout)
-    values = learner.critic(hidden)
+    values = learner.loss.critic(hidden)
     assert values.detach().abs().max() > 0.01, "a critic that predicts 0 would hide a sign error of V_t"
     expected = grads_of(-((reward - values.detach()) * lp).sum(), params)
     expected_critic = grads_of(0.5 * (values - reward).square().sum(), critic_params)
-    seen, seen_critic = step_grads(learner), step_grads(learner, learner.critic_optimizer)
+    seen, seen_critic = step_grads(learner), step_grads(learner, learner.loss.optimizer)
     learner.update(rollout, torch.tensor([reward]), torch.tensor([0.0]))
     assert_grads(seen, expected)
     assert_grads(seen_critic, expected_critic)
     with torch.no_grad():  # on the same features: the critic's step alone
-        assert (learner.critic(hidden) - reward).square().sum() < (values - reward).square().sum()
+        assert (learner.loss.critic(hidden) - reward).square().sum() < (values - reward).square().sum()

@@ -16,23 +16,44 @@ every loss function returns the micro-batch's *contribution* to the full-batch l
         loss.backward()                             # sum of contributions == full-batch loss
 
 so the summed loss and the accumulated gradient are those of the full batch, exactly.
+
+Registered losses. The functions above are the formulas; below them, each *policy loss* of the
+configuration (``algo.loss``: ``pg``, ``astar``, ``ppo``) is a small registered class that says
+what the update must compute for it (the sampling policy's log-probs, the reference's, hidden
+states) and turns one micro-batch's forward pass into its contribution to the loss, like the
+estimators of ``advantages.py``. The KL penalty and the entropy bonus are terms of the same
+kind, added when their coefficients are > 0. ``update.Learner`` sums the terms of
+``build_terms(cfg, model)`` and never asks which ones they are: a new method is one new class
+here, registered with ``@register_loss``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from frugalrl.critic import ValueHead, outcome_token_rewards
+
+if TYPE_CHECKING:
+    from frugalrl.config import Config
+    from frugalrl.rollout import TokenOutputs
+
 __all__ = [
     "AGG_MODES",
+    "LossInputs",
     "LossNorm",
+    "LossTerm",
     "aggregate",
     "astar_loss",
+    "build_terms",
     "gae",
     "kl_penalty",
+    "list_losses",
     "policy_loss",
+    "register_loss",
     "value_loss",
 ]
 
@@ -245,3 +266,247 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square())
     return aggregate(per_token, mask, norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered loss terms
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LossInputs:
+    """What an update holds fixed, for N sequences and T completion positions.
+
+    advantages: (N,) per sequence from the estimator, or (N, T) per token (PPO's GAE); reward units.
+    old_logprobs: (N, T) the sampling policy's token log-probs (off-policy steps), else None.
+    ref_logprobs: (N, T) the reference policy's token log-probs, else None.
+    old_values, returns: (N, T) PPO's critic values before the update and its GAE returns, else None.
+    Rows of samples without a forward pass hold 0.
+    """
+
+    advantages: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    old_values: Tensor | None = None
+    returns: Tensor | None = None
+
+    def select(self, index: Tensor, width: int) -> LossInputs:
+        """The rows ``index``, cut to the first ``width`` completion positions."""
+        def cut(x):
+            if x is None:
+                return None
+            return x[index] if x.ndim == 1 else x[index, :width]
+        return LossInputs(*(cut(getattr(self, f.name)) for f in fields(self)))
+
+
+class LossTerm:
+    """One term of the training loss.
+
+    The class attributes say what the update must compute for the term:
+
+    needs_old_logprobs: the sampling policy's log-probs, for the ratio of off-policy steps.
+    needs_reference: the frozen reference policy's log-probs.
+    needs_entropy, needs_hidden: the token entropy / the last hidden states from each forward pass.
+    zero_advantage_no_gradient: a sample with A = 0 adds nothing to the gradient, so gradient
+        filtering at threshold 0 leaves the update unchanged.
+    filterable: samples may skip their forward pass at all (gradient filtering).
+    metric_names: the metrics a call returns; "loss" is the term's share of the reported loss.
+
+    ``__call__`` gets one micro-batch: ``out`` (token log-probs (n, t), and entropy/hidden when
+    asked), ``mask`` (n, t), ``inputs`` (``LossInputs`` of the micro-batch) and the batch's
+    ``LossNorm``, and returns the micro-batch's contribution to the step's loss (a scalar with
+    grad) and its metrics (floats, contributions too: the Learner sums them over micro-batches
+    and ranks). The hooks below serve terms with weights of their own (PPO's critic).
+    """
+
+    needs_old_logprobs = False
+    needs_reference = False
+    needs_entropy = False
+    needs_hidden = False
+    zero_advantage_no_gradient = False
+    filterable = True
+    metric_names: tuple[str, ...] = ("loss",)
+
+    def __call__(self, out: TokenOutputs, mask: Tensor, inputs: LossInputs,
+                 norm: LossNorm) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def begin(self, inputs: LossInputs, mask: Tensor) -> None:
+        """Before the update's no-grad pass over the batch (mask: (N, T))."""
+
+    def observe(self, inputs: LossInputs, index: Tensor, out: TokenOutputs, mask: Tensor) -> None:
+        """One micro-batch of that pass: rows ``index``, their outputs and (n, t) mask."""
+
+    def finish(self, inputs: LossInputs, rewards: Tensor, mask: Tensor) -> dict[str, float]:
+        """After that pass (rewards: (N,)); returns sums over the batch's samples that the Learner
+        sums over ranks and reports per sample."""
+        return {}
+
+    def optimizers(self) -> list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]]:
+        """(parameters, optimizer) pairs the term trains besides the policy; each optimizer step."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+_LOSSES: dict[str, type[LossTerm]] = {}
+
+
+def register_loss(name: str):
+    """Class decorator: make a ``LossTerm`` subclass the policy loss ``algo.loss=name``. The class
+    is built as ``cls(cfg, model)``."""
+
+    def decorate(cls: type[LossTerm]) -> type[LossTerm]:
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        _LOSSES[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_losses() -> list[str]:
+    """Names of the registered policy losses, sorted."""
+    return sorted(_LOSSES)
+
+
+def _token_mean(values: Tensor, mask: Tensor, norm: LossNorm) -> float:
+    """The micro-batch's contribution to the batch's token mean of ``values`` (a metric)."""
+    return float(torch.where(mask.bool(), values.detach(), 0.0).sum()) / max(norm.num_tokens, 1)
+
+
+@register_loss("pg")
+class PolicyGradient(LossTerm):
+    """Policy gradient with the PPO clip (``policy_loss``); advantages (n,) or (n, t).
+
+    With one optimizer step per rollout batch the ratio is 1 and this is plain REINFORCE-style
+    policy gradient; its clip fraction and KL to the sampler are then 0 and not reported.
+    """
+
+    needs_old_logprobs = True
+    zero_advantage_no_gradient = True
+
+    def __init__(self, cfg: Config, model=None):
+        self.clip = (cfg.algo.clip_low, cfg.algo.clip_high)
+        self.off_policy = cfg.train.ppo_epochs * cfg.train.mini_batches > 1
+        self.metric_names = ("loss", "pg_clipfrac", "ppo_kl") if self.off_policy else ("loss",)
+
+    def __call__(self, out, mask, inputs, norm):
+        loss, metrics = policy_loss(out.logprobs, inputs.old_logprobs, inputs.advantages, mask, norm, *self.clip)
+        return loss, {"loss": loss.item(), **(metrics if self.off_policy else {})}
+
+
+@register_loss("astar")
+class AStarRegression(LossTerm):
+    """A*-PO's least squares (``astar_loss``) on sequence log-probs: (n, t) summed over t.
+
+    Departs from pg: no ratio to the sampling policy and no clip; the target r - V* ties each
+    sample to the reference, so an A = 0 sample still has a gradient (it is not filtered at 0).
+    """
+
+    needs_reference = True
+
+    def __init__(self, cfg: Config, model=None):
+        self.beta2 = cfg.algo.astar_beta2
+
+    def __call__(self, out, mask, inputs, norm):
+        loss = astar_loss(out.logprobs.sum(-1), inputs.ref_logprobs.sum(-1), inputs.advantages, self.beta2,
+                          norm.num_seqs)
+        return loss, {"loss": loss.item()}
+
+
+@register_loss("ppo")
+class PPO(PolicyGradient):
+    """pg on per-token GAE advantages from a learned critic (``critic.ValueHead``), plus the
+    critic's clipped value loss (``value_loss``).
+
+    Departs from pg: the estimator's advantages are replaced, after the no-grad pass, by
+    ``gae`` over the critic's values (N, T); the critic learns from every sample, so nothing is
+    filtered. The value loss reaches only the critic (its input is detached) and is reported
+    as ``value_loss``, apart from ``loss``.
+    """
+
+    needs_hidden = True
+    filterable = False
+
+    def __init__(self, cfg: Config, model):
+        super().__init__(cfg)
+        self.metric_names = (*self.metric_names, "value_loss")
+        self.gamma, self.lam, self.value_clip = cfg.algo.gae_gamma, cfg.algo.gae_lambda, cfg.algo.value_clip
+        self.critic = ValueHead(model.config.hidden_size).to(next(model.parameters()).device)
+        self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.train.critic_lr)
+
+    def begin(self, inputs, mask):
+        inputs.old_values = torch.zeros_like(mask)
+
+    def observe(self, inputs, index, out, mask):
+        inputs.old_values[index, :mask.shape[1]] = torch.where(mask.bool(), self.critic(out.hidden), 0.0)
+
+    def finish(self, inputs, rewards, mask):
+        inputs.advantages, inputs.returns = gae(outcome_token_rewards(rewards, mask), inputs.old_values, mask,
+                                                self.gamma, self.lam)
+        return {"value_mean": inputs.old_values[:, 0].sum().item()}  # V(s_0): the critic's value of the prompts
+
+    def __call__(self, out, mask, inputs, norm):
+        loss, metrics = super().__call__(out, mask, inputs, norm)
+        v_loss = value_loss(self.critic(out.hidden), inputs.old_values, inputs.returns, mask, norm, self.value_clip)
+        return loss + v_loss, {**metrics, "value_loss": v_loss.item()}
+
+    def optimizers(self):
+        return [(list(self.critic.parameters()), self.optimizer)]
+
+    def state_dict(self):
+        return {"critic": self.critic.state_dict(), "critic_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["critic_optimizer"])
+
+
+class KLPenalty(LossTerm):
+    """``algo.kl_coef`` x KL(pi || pi_ref) per token (``kl_penalty``), aggregated like the loss."""
+
+    needs_reference = True
+    metric_names = ("loss", "kl_ref")
+
+    def __init__(self, cfg: Config):
+        self.coef, self.estimator = cfg.algo.kl_coef, cfg.algo.kl_estimator
+
+    def __call__(self, out, mask, inputs, norm):
+        kl = kl_penalty(out.logprobs, inputs.ref_logprobs, self.estimator)
+        term = self.coef * aggregate(kl, mask, norm)
+        return term, {"loss": term.item(), "kl_ref": _token_mean(kl, mask, norm)}
+
+
+class EntropyBonus(LossTerm):
+    """Minus ``algo.entropy_coef`` x the token entropy, aggregated like the loss."""
+
+    needs_entropy = True
+    metric_names = ("loss", "entropy")
+
+    def __init__(self, cfg: Config):
+        self.coef = cfg.algo.entropy_coef
+
+    def __call__(self, out, mask, inputs, norm):
+        term = -self.coef * aggregate(out.entropy, mask, norm)
+        return term, {"loss": term.item(), "entropy": _token_mean(out.entropy, mask, norm)}
+
+
+def build_terms(cfg: Config, model) -> list[LossTerm]:
+    """The terms of ``cfg``'s loss: the policy loss ``algo.loss`` (``auto``: astar under
+    algo.estimator=astar, else pg), then the KL penalty and the entropy bonus where their
+    coefficients are > 0. ``model``: the policy (PPO sizes its critic from it)."""
+    name = cfg.algo.loss
+    if name == "auto":
+        name = "astar" if cfg.algo.estimator == "astar" else "pg"
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {list_losses()}")
+    terms = [_LOSSES[name](cfg, model)]
+    if cfg.algo.kl_coef > 0:
+        terms.append(KLPenalty(cfg))
+    if cfg.algo.entropy_coef > 0:
+        terms.append(EntropyBonus(cfg))
+    return terms

@@ -77,13 +77,10 @@ def lr_factor(cfg: Config, step: int) -> float:
 def build_estimator(cfg: Config, v_star: dict[str, float] | None = None):
     """The advantage estimator named by ``cfg.algo.estimator`` with its options.
 
-    ``v_star``: A*-PO's V* per prompt id (``vstar.prepare``). Under PPO (``gae``) the baseline
-    is the critic's, per token, inside the update; the sequence-level estimator is then plain
-    REINFORCE without a baseline (advantage = reward), which the update replaces by GAE.
+    ``v_star``: A*-PO's V* per prompt id (``vstar.prepare``). Under ``algo.loss=ppo`` the
+    update replaces its advantages by the critic's per-token GAE.
     """
     a = cfg.algo
-    if a.estimator == "gae":
-        return get_estimator("reinforce", baseline="none")
     options = {
         "kae": dict(kernel=a.kae_kernel, bandwidth=a.kae_bandwidth, bandwidth_mode=a.kae_bandwidth_mode,
                     auto_c=a.kae_auto_c, scale=a.kae_scale),

@@ -1,13 +1,15 @@
 """The optimizer steps of one rollout batch: filtering, micro-batched losses, AdamW.
 
-The loss math lives in ``losses.py``; this module decides which samples get a forward pass,
-which other models take part (a frozen reference, PPO's critic), and accumulates gradients so
-that an update does not depend on the micro-batch size. One ``Learner.update``:
+The loss math lives in ``losses.py``: the terms of ``losses.build_terms`` (the policy loss
+``algo.loss``, and the KL penalty and entropy bonus when on) say what they need, and this module
+provides it without knowing which method runs: it decides which samples get a forward pass,
+keeps the frozen reference when a term needs it, and accumulates gradients so that an update
+does not depend on the micro-batch size. One ``Learner.update``:
 
 1. picks the samples that get a forward pass (DASH gradient filtering, *before* the pass);
 2. when needed, makes one no-grad pass over them for the constants of the update: the
-   sampling policy's log-probs (off-policy updates), the reference's (KL penalty, A*-PO), the
-   critic's values and from them GAE advantages (PPO);
+   sampling policy's log-probs (off-policy updates), the reference's, and whatever a term
+   derives from the pass (PPO: the critic's values, and from them GAE advantages);
 3. makes ``train.ppo_epochs`` passes over the batch, each split into ``train.mini_batches``
    optimizer steps, each accumulated over micro-batches of ``train.micro_batch`` sequences. A
    step's loss normaliser comes from its whole mini-batch, dropped samples included, never from
@@ -25,16 +27,15 @@ import copy
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from frugalrl import lora, sharding
 from frugalrl.config import Config
-from frugalrl.critic import ValueHead, outcome_token_rewards
 from frugalrl.distributed import Dist
-from frugalrl.losses import LossNorm, aggregate, astar_loss, gae, kl_penalty, policy_loss, value_loss
+from frugalrl.losses import LossInputs, LossNorm, build_terms
 from frugalrl.rollout import Rollout, eval_mode, forward_completions
 
 
@@ -64,37 +65,13 @@ def _micro_batches(index: Tensor, size: int) -> tuple[Tensor, ...]:
     return index.split(size) if len(index) else ()
 
 
-@dataclass
-class _Constants:
-    """What an update holds fixed, for the whole rollout batch (N sequences, T positions).
-
-    advantages: (N,) per sequence, or (N, T) per token under PPO (GAE).
-    old_logprobs, ref_logprobs, old_values, returns: (N, T), 0 for samples without a forward
-    pass; None where the configuration does not need them.
-    """
-
-    advantages: Tensor
-    old_logprobs: Tensor | None = None
-    ref_logprobs: Tensor | None = None
-    old_values: Tensor | None = None
-    returns: Tensor | None = None
-
-    def select(self, index: Tensor, width: int) -> _Constants:
-        """The rows ``index``, cut to the first ``width`` completion positions."""
-        def cut(x):
-            if x is None:
-                return None
-            return x[index] if x.ndim == 1 else x[index, :width]
-        return _Constants(*(cut(x) for x in (self.advantages, self.old_logprobs, self.ref_logprobs,
-                                              self.old_values, self.returns)))
-
-
 class Learner:
-    """Turns scored rollouts into optimizer steps of ``model`` (and of PPO's critic).
+    """Turns scored rollouts into optimizer steps of ``model`` (and of what a loss term trains,
+    such as PPO's critic).
 
-    Holds what the steps need besides the policy and its optimizer: the frozen reference
-    (built only when the KL penalty or A*-PO needs it) and the critic with its optimizer
-    (only under ``algo.estimator=gae``).
+    Holds what the steps need besides the policy and its optimizer: the loss terms
+    (``self.terms``; ``self.loss`` is the policy loss, the first) and the frozen reference, built
+    only when a term needs it.
 
     ``scheduler``, when given, is the policy's learning-rate schedule; it advances once per
     optimizer step of the update, ``optimizer_steps(cfg)`` per rollout batch, including the
@@ -105,52 +82,49 @@ class Learner:
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: Config, dist: Dist | None = None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):
-        a, t = cfg.algo, cfg.train
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.dist = dist or Dist()
         # train.strategy=fsdp: every forward and backward pass of the policy (and reference) is a
         # collective, so every rank makes as many as the rank with the most (``_passes``)
         self.sharded = sharding.is_sharded(model)
-        self.astar = a.estimator == "astar"
-        self.reference = reference_policy(model) if a.kl_coef > 0 or self.astar else None
-        device = next(model.parameters()).device
-        self.critic = ValueHead(model.config.hidden_size).to(device) if a.estimator == "gae" else None
-        self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr)
-                                 if self.critic is not None else None)
+        self.terms = build_terms(cfg, model)
+        self.loss = self.terms[0]
+        self.reference = reference_policy(model) if self._any("needs_reference") else None
         self.off_policy = optimizer_steps(cfg) > 1
+        self.need_old = self.off_policy and self._any("needs_old_logprobs")
         # what ``_loss`` reports, fixed up front: ranks sum them even when one had no sample
-        self.metric_names = ["loss", *(["pg_clipfrac", "ppo_kl"] if self.off_policy and not self.astar else []),
-                             *(["kl_ref"] if a.kl_coef > 0 else []), *(["entropy"] if a.entropy_coef > 0 else []),
-                             *(["value_loss"] if self.critic is not None else [])]
+        self.metric_names = list(dict.fromkeys(name for term in self.terms for name in term.metric_names))
+
+    def _any(self, need: str) -> bool:
+        return any(getattr(term, need) for term in self.terms)
 
     def state_dict(self) -> dict:
-        """The critic's weights and optimizer (tensors, for ``torch.save``); {} without a critic.
-        The reference needs no saving: it is rebuilt from the starting weights."""
-        if self.critic is None:
-            return {}
-        return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
+        """What the loss terms train besides the policy (PPO's critic and its optimizer: tensors,
+        for ``torch.save``); {} when they train nothing. The reference needs no saving: it is
+        rebuilt from the starting weights."""
+        return {key: value for term in self.terms for key, value in term.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        for term in self.terms:
+            term.load_state_dict(state)
 
     def forward_mask(self, advantages: Tensor) -> Tensor:
         """(N,) bool: the samples that get a forward pass (DASH gradient filtering).
 
         A sample with |A| <= ``train.filter_threshold`` is dropped before its forward pass (the
-        DASH reference code drops it after, saving only the backward). Under the policy-gradient
-        loss a sample with A = 0 has exactly zero gradient, so threshold 0 leaves the update
-        unchanged; it drops the groups of equal rewards under the estimators whose
-        ``zero_signal_for_constant_groups`` makes their advantage exactly 0, and keeps them under
-        the others, where they carry signal. The A*-PO regression, the KL penalty and the entropy bonus still pull on such
-        a sample, so with them threshold 0 keeps every sample and only a threshold > 0 filters
-        (an approximation, as in DASH). Under PPO the advantages are per token and come from the
-        critic after this choice, and the critic learns from every sample: nothing is dropped.
+        DASH reference code drops it after, saving only the backward). Where every loss term has
+        ``zero_advantage_no_gradient`` (the policy gradient) a sample with A = 0 has exactly zero
+        gradient, so threshold 0 leaves the update unchanged; it drops the groups of equal rewards
+        under the estimators whose ``zero_signal_for_constant_groups`` makes their advantage
+        exactly 0, and keeps them under the others, where they carry signal. The A*-PO
+        regression, the KL penalty and the entropy bonus still pull on such a sample, so with
+        them threshold 0 keeps every sample and only a threshold > 0 filters (an approximation,
+        as in DASH). A term that is not ``filterable`` (PPO: per-token advantages from the critic
+        after this choice, and a critic that learns from every sample) keeps every sample.
         """
-        a, tau = self.cfg.algo, self.cfg.train.filter_threshold
-        lossless_zero = not (self.astar or a.kl_coef > 0 or a.entropy_coef > 0)
-        if self.critic is not None or (tau == 0 and not lossless_zero):
+        tau = self.cfg.train.filter_threshold
+        if not all(term.filterable for term in self.terms) or (
+                tau == 0 and not all(term.zero_advantage_no_gradient for term in self.terms)):
             return torch.ones(advantages.shape[0], dtype=torch.bool, device=advantages.device)
         return advantages.abs() > tau
 
@@ -181,9 +155,8 @@ class Learner:
         # ranks draw it alike. CleanRL's order: a fresh shuffle per epoch, so mini-batches differ
         # between epochs.
         orders = [torch.randperm(total) if t.mini_batches > 1 else torch.arange(total) for _ in range(t.ppo_epochs)]
-        const = self._constants(rollout, rewards, advantages, keep)
-        if self.critic is not None:  # V(s_0): the critic's value of the prompts
-            stats["value_mean"] = dist.sum([const.old_values[:, 0].sum().item()])[0] / total
+        const, sums = self._constants(rollout, rewards, advantages, keep)
+        stats.update({key: value / total for key, value in zip(sums, dist.sum(list(sums.values())))})
         offset = dist.rank * n
         steps = []
         for order in orders:
@@ -202,41 +175,41 @@ class Learner:
         return {**stats, **totals}
 
     @torch.no_grad()
-    def _constants(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, keep: Tensor) -> _Constants:
+    def _constants(self, rollout: Rollout, rewards: Tensor, advantages: Tensor,
+                   keep: Tensor) -> tuple[LossInputs, dict[str, float]]:
         """One no-grad pass over the kept samples for what the update holds fixed, every model in
         eval mode: the sampling policy's log-probs are those of the model as it sampled, without
-        dropout, and so are the reference's and the critic's inputs."""
+        dropout, and so are the reference's and what the loss terms read (``LossTerm.observe``).
+        Also returns the terms' sums over this rank's samples (``LossTerm.finish``)."""
         cfg, mask = self.cfg, rollout.completion_mask
-        const = _Constants(advantages)
-        need_old = self.off_policy and not self.astar  # A*-PO's loss has no ratio to the sampler
-        if need_old:
+        const = LossInputs(advantages)
+        hidden = self._any("needs_hidden")
+        if self.need_old:
             const.old_logprobs = torch.zeros_like(mask)
         if self.reference is not None:
             const.ref_logprobs = torch.zeros_like(mask)
-        if self.critic is not None:
-            const.old_values = torch.zeros_like(mask)
+        for term in self.terms:
+            term.begin(const, mask)
         for index in self._passes(keep.nonzero().flatten()):
             dummy = index is None  # its outputs are dropped (``_passes``)
             part = rollout.select([0] if dummy else index).trimmed()
             width = part.completion_mask.shape[1]
-            if need_old or self.critic is not None:
+            if self.need_old or hidden:
                 with eval_mode(self.model):
-                    out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=self.critic is not None)
-                if need_old and not dummy:
-                    const.old_logprobs[index, :width] = out.logprobs
-                if self.critic is not None and not dummy:
-                    const.old_values[index, :width] = torch.where(part.completion_mask.bool(),
-                                                                  self.critic(out.hidden), 0.0)
+                    out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=hidden)
+                if not dummy:
+                    if self.need_old:
+                        const.old_logprobs[index, :width] = out.logprobs
+                    for term in self.terms:
+                        term.observe(const, index, out, part.completion_mask)
             if self.reference is not None:
                 ref = forward_completions(self.reference, part, cfg.rollout.temperature).logprobs
                 if not dummy:
                     const.ref_logprobs[index, :width] = ref
-        if self.critic is not None:
-            const.advantages, const.returns = gae(outcome_token_rewards(rewards, mask), const.old_values, mask,
-                                                  cfg.algo.gae_gamma, cfg.algo.gae_lambda)
-        return const
+        sums = {key: value for term in self.terms for key, value in term.finish(const, rewards, mask).items()}
+        return const, sums
 
-    def _step(self, rollout: Rollout, const: _Constants, index: Tensor, keep: Tensor) -> dict[str, float]:
+    def _step(self, rollout: Rollout, const: LossInputs, index: Tensor, keep: Tensor) -> dict[str, float]:
         """One optimizer step on the mini-batch ``index`` (dropped samples included: they count
         in the normaliser, as in the unfiltered update, but get no forward pass)."""
         cfg, dist = self.cfg, self.dist
@@ -246,9 +219,9 @@ class Learner:
         # completion would let one long answer shrink every other sample's gradient
         norm = LossNorm(local.mode, int(num_seqs), int(num_tokens), cfg.rollout.max_new_tokens)
         index = index[keep[index]]
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.critic is not None:
-            self.critic_optimizer.zero_grad(set_to_none=True)
+        others = [pair for term in self.terms for pair in term.optimizers()]
+        for optimizer in [self.optimizer, *(opt for _, opt in others)]:
+            optimizer.zero_grad(set_to_none=True)
         totals = dict.fromkeys(self.metric_names, 0.0)
         for micro in self._passes(index):
             if micro is None:  # a pass with zero loss, for FSDP's collectives (``_passes``)
@@ -257,7 +230,7 @@ class Learner:
                 continue
             part = rollout.select(micro).trimmed()
             out = forward_completions(self.model, part, cfg.rollout.temperature,
-                                      entropy=cfg.algo.entropy_coef > 0, hidden=self.critic is not None)
+                                      entropy=self._any("needs_entropy"), hidden=self._any("needs_hidden"))
             loss, metrics = self._loss(out, part.completion_mask, const.select(micro, part.completion_mask.shape[1]),
                                        norm)
             loss.backward()
@@ -270,8 +243,8 @@ class Learner:
         totals = dict(zip(totals, sums))
         finite_loss = math.isfinite(totals["loss"])
         grad_norm = self._clip_and_step(self.model.parameters(), self.optimizer, finite_loss)
-        if self.critic is not None:
-            self._clip_and_step(self.critic.parameters(), self.critic_optimizer, finite_loss)
+        for params, optimizer in others:
+            self._clip_and_step(params, optimizer, finite_loss)
         bad = not (finite_loss and math.isfinite(grad_norm))
         return {**totals, "grad_norm": grad_norm, "bad_step": float(bad)}
 
@@ -316,36 +289,13 @@ class Learner:
             for _ in range(steps):
                 self.scheduler.step()
 
-    def _loss(self, out, mask: Tensor, const: _Constants, norm: LossNorm) -> tuple[Tensor, dict[str, float]]:
-        """This micro-batch's contribution to the step's loss, and its metrics (contributions too).
-
-        Policy term: A*-PO's regression on sequence log-probs, or the PPO-clip policy gradient;
-        plus ``kl_coef`` * KL to the reference, minus ``entropy_coef`` * entropy, both aggregated
-        like the loss. PPO's value loss is added to the backward pass but not to the reported
-        loss: it only reaches the critic, whose input is detached.
-        """
-        a = self.cfg.algo
-        metrics: dict[str, float] = {}
-        if self.astar:
-            loss = astar_loss(out.logprobs.sum(-1), const.ref_logprobs.sum(-1), const.advantages, a.astar_beta2,
-                              norm.num_seqs)
-        else:
-            loss, pg_metrics = policy_loss(out.logprobs, const.old_logprobs, const.advantages, mask, norm,
-                                           a.clip_low, a.clip_high)
-            if self.off_policy:  # on-policy both are 0 by construction
-                metrics.update(pg_metrics)
-        tokens = max(norm.num_tokens, 1)
-        keep = mask.bool()
-        if a.kl_coef > 0:
-            kl = kl_penalty(out.logprobs, const.ref_logprobs, a.kl_estimator)
-            loss = loss + a.kl_coef * aggregate(kl, mask, norm)
-            metrics["kl_ref"] = float(torch.where(keep, kl.detach(), 0.0).sum()) / tokens  # token mean
-        if a.entropy_coef > 0:
-            loss = loss - a.entropy_coef * aggregate(out.entropy, mask, norm)
-            metrics["entropy"] = float(torch.where(keep, out.entropy.detach(), 0.0).sum()) / tokens
-        metrics["loss"] = loss.item()
-        if self.critic is not None:
-            v_loss = value_loss(self.critic(out.hidden), const.old_values, const.returns, mask, norm, a.value_clip)
-            metrics["value_loss"] = v_loss.item()
-            loss = loss + v_loss
+    def _loss(self, out, mask: Tensor, const: LossInputs, norm: LossNorm) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's contribution to the step's loss, the sum of the terms', and their
+        metrics (contributions too, summed where terms share a name: "loss")."""
+        loss, metrics = None, defaultdict(float)
+        for term in self.terms:
+            part, term_metrics = term(out, mask, const, norm)
+            loss = part if loss is None else loss + part
+            for key, value in term_metrics.items():
+                metrics[key] += value
         return loss, metrics
