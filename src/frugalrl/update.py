@@ -156,7 +156,8 @@ class Learner:
         # between epochs.
         orders = [torch.randperm(total) if t.mini_batches > 1 else torch.arange(total) for _ in range(t.ppo_epochs)]
         const, sums = self._constants(rollout, rewards, advantages, keep)
-        stats.update({key: value / total for key, value in zip(sums, dist.sum(list(sums.values())))})
+        if sums:  # a collective only where a term reports one
+            stats.update({key: value / total for key, value in zip(sums, dist.sum(list(sums.values())))})
         offset = dist.rank * n
         steps = []
         for order in orders:
