@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -89,7 +88,7 @@ def _config(args):
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume={run_dir}: no config.yaml there; give the output_dir of the run to continue")
-    base = dataclasses.replace(load_config(saved), output_dir=run_dir)
+    base = load_config(saved).model_copy(update={"output_dir": run_dir})
     return load_config(args.config, [*args.overrides, f"resume={run_dir}"], base=base)
 
 

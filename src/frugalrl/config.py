@@ -1,758 +1,349 @@
-"""Run configuration: a tree of dataclasses, every option made with `opt()` (default, help line, choices, bounds).
+"""Run configuration: a pydantic model per section, rules between options, YAML and key=value loading (see docs/)."""
 
-A config is built from the defaults, then a YAML file, then `key=value` overrides (`algo.estimator=kae max_steps=200`).
-pydantic checks each value as it is set (type, choices, bounds: YAML's leniency at the leaves, so that `1e-4` is a
-number and `yes` a boolean); then the rules between options (`_check_consistency`) run. The machinery below the schema
-is generic over any such tree (the benches' `bench.*` options use it too); every problem raises `ConfigError` (a
-ValueError) saying what to change.
-"""
-
-from __future__ import annotations
-
+import collections
 import contextlib
-import dataclasses
-import datetime
 import difflib
 import functools
+import itertools
 import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+def opt(default, help: str, **bounds):  # an option: its default, one help line, pydantic's bounds (ge, gt, le, lt)
+    return Field(default, description=help, **bounds)
 
-def opt(default, help: str, choices: tuple | None = None, *, min=None, max=None, gt=None, lt=None, **kw):
-    """A config option: its default, one help line, its allowed values; `min`/`max` are inclusive bounds and `gt`/`lt`
-    exclusive ones (pydantic's ge/le/gt/lt), checked whenever a config is loaded."""
-    bounds = {"min": min, "max": max, "gt": gt, "lt": lt}
-    meta = {"help": help, **({"choices": tuple(choices)} if choices is not None else {}),
-            **{k: v for k, v in bounds.items() if v is not None}}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+def _number(value):  # a number as YAML gives it, where pydantic's lax mode differs: no boolean; 1e3 (text to PyYAML)
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return int(float(value)) if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+[eE]\+?\d\d?\s*", value) else value
+Int, Float = Annotated[int, BeforeValidator(_number)], Annotated[float, BeforeValidator(_number)]
 
+class Section(BaseModel):  # a section of options: no unknown key, numbers read as text by text options, no inf/nan
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
-@dataclass
-class ModelConfig:
-    name_or_path: str = opt("", "local Hugging Face model directory; empty = the embedded tiny model, warmed up by SFT "
-                            "and cached under cache_dir")
-    dtype: str = opt("float32", "weights dtype (use float32 on CPU: bf16 is ~19x slower there)",
-                     choices=("float32", "bfloat16", "float16"))
-    device: str = opt("auto", "where the policy lives and trains: auto = the GPU when torch sees one (cuda), else the "
-                      "CPU", choices=("auto", "cpu", "cuda"))
+class ModelConfig(Section):
+    name_or_path: str = opt("", "local Hugging Face model directory; empty = the embedded tiny model")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype (float32 on CPU: bf16 is slow)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy trains: auto = cuda if torch sees a GPU")
     cache_dir: str = opt(".cache/frugalrl", "where the embedded model and its SFT checkpoint are cached")
-    sft_steps: int = opt(3000, "embedded model: the most supervised warm-up steps on worked solutions (a cap: the "
-                         "warm-up stops earlier once it reaches model.sft_target_accuracy)", min=0)
-    sft_target_accuracy: float = opt(0.3, "embedded model: the warm-up stops at the first check whose greedy accuracy "
-                                     "on training problems held out of the warm-up reaches this (0 = always train "
-                                     "model.sft_steps)", min=0, max=1)
-    sft_eval_every: int = opt(50, "embedded model: check the warm-up's accuracy every N steps", min=1)
-    sft_eval_size: int = opt(256, "embedded model: training problems held out of the warm-up to check its accuracy (at "
-                             "most a tenth of the training rows)", min=1)
-    sft_lr: float = opt(2e-3, "embedded model: supervised warm-up learning rate", gt=0)
-    sft_batch: int = opt(64, "embedded model: supervised warm-up batch size", min=1)
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass instead of keeping them: "
-                                       "less memory, about a third more compute per training step")
-
-
-@dataclass
-class LoraConfig:
-    r: int = opt(0, "LoRA rank (0 = off: train every weight); the reference policy is then the model with its adapter "
-                 "disabled, no second copy", min=0)
-    alpha: float = opt(16.0, "LoRA scale: the adapter's output is multiplied by alpha / r", gt=0)
-    dropout: float = opt(0.0, "dropout on the adapter's input, in the training passes only (sampling and the old and "
-                         "reference log-probs run without dropout)", min=0, lt=1)
-    target_modules: list[str] = opt(["all-linear"], "layers that get an adapter, by name (q_proj, v_proj, ...); "
-                                    "[all-linear] = every linear layer but the output head")
-    save: str = opt("merged", "what model/ holds: merged = the full model with the adapter folded in; adapter = the "
-                    "adapter alone, plus the path of its base model", choices=("merged", "adapter"))
-
-
-@dataclass
-class DataConfig:
-    source: str = opt("arithmetic", "where prompts come from: the built-in arithmetic task, a data file (jsonl: any "
-                      "format data.train_path takes) or reasoning-gym",
-                      choices=("arithmetic", "jsonl", "reasoning_gym"))
-    train_path: str = opt("", "data file of prompt/answer rows: .jsonl, .csv, .parquet, or a directory written by "
-                          "datasets' save_to_disk; setting it replaces the built-in task")
+    sft_steps: Int = opt(3000, "embedded model: most SFT warm-up steps (stops at sft_target_accuracy)", ge=0)
+    sft_target_accuracy: Float = opt(0.3, "embedded model: the warm-up stops at this accuracy (0: never)", ge=0, le=1)
+    sft_eval_every: Int = opt(50, "embedded model: check the warm-up's accuracy every N steps", ge=1)
+    sft_eval_size: Int = opt(256, "embedded model: held-out training problems the warm-up is checked on", ge=1)
+    sft_lr: Float = opt(2e-3, "embedded model: supervised warm-up learning rate", gt=0)
+    sft_batch: Int = opt(64, "embedded model: supervised warm-up batch size", ge=1)
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, more compute")
+class LoraConfig(Section):
+    r: Int = opt(0, "LoRA rank (0 = off: train every weight)", ge=0)
+    alpha: Float = opt(16.0, "LoRA scale: the adapter's output is multiplied by alpha / r", gt=0)
+    dropout: Float = opt(0.0, "dropout on the adapter's input, in the training passes only", ge=0, lt=1)
+    target_modules: list[str] = opt(["all-linear"], "layers given an adapter (q_proj, ...; all-linear: not the head)")
+    save: Literal["merged", "adapter"] = opt("merged", "what model/ holds: the merged model, or the adapter alone")
+class DataConfig(Section):
+    source: Literal["arithmetic", "jsonl", "reasoning_gym"] = opt("arithmetic", "where prompts come from")
+    train_path: str = opt("", "data file (.jsonl, .csv, .parquet, save_to_disk dir); replaces the built-in task")
     eval_path: str = opt("", "data file for evaluation (same formats); empty = a held-out split")
-    prompt_field: str = opt("prompt", "data files: the column holding the prompt, a string or a chat message list "
-                            "(then the last user message is the prompt; a 'messages' column is used when this one is "
-                            "missing)")
-    answer_field: str = opt("answer", "data files: the column holding the reference answer (reward functions receive "
-                            "it as answer=)")
-    max_prompt_tokens: int = opt(0, "drop prompts longer than this many tokens, chat template included, and count them "
-                                 "(0 = keep all)", min=0)
-    chat_template: str = opt("auto", "wrap each prompt in the tokenizer's chat template as a user message: auto = when "
-                             "the tokenizer has one", choices=("auto", "on", "off"))
+    prompt_field: str = opt("prompt", "data files: the prompt column (text or chat messages)")
+    answer_field: str = opt("answer", "data files: the reference answer column (rewards get it as answer=)")
+    max_prompt_tokens: Int = opt(0, "drop (and count) prompts longer than this, in tokens (0 = keep all)", ge=0)
+    chat_template: Literal["auto", "on", "off"] = opt("auto", "use the tokenizer's chat template (auto: if it has one)")
     system_prompt: str = opt("", "system message put before each prompt when the chat template is used")
-    difficulty: int = opt(2, "built-in task: number of operations after the first sum (1..3)", min=1, max=3)
-    train_size: int = opt(20000, "built-in task: number of training problems", min=1)
-    eval_size: int = opt(256, "held-out problems for evaluation (never trained on)", min=1)
-    seed: int = opt(-1, "seed of the train/eval split (built-in task, reasoning-gym, a data file's held-out rows); -1 "
-                    "= the run's seed. Fix it to vary a run's seed without changing its data", min=-1)
-    sticky_steps: int = opt(1, "reuse each prompt mini-batch for this many consecutive steps (KAE needs >1: else a "
-                            "prompt's past rewards rarely fall in its kernel window)", min=1)
-    task: str | list[str] = opt("", "reasoning_gym: generator name (chain_sum), or a list [chain_sum, "
-                                "basic_arithmetic] to mix several")
-    task_weights: list[float] = opt([], "reasoning_gym: sampling weight of each data.task (empty = equal)")
-    task_config: dict[str, Any] = opt({}, "reasoning_gym: generator options, e.g. {min_terms: 2, max_digits: 2}; with "
-                                      "several tasks one mapping per task: {chain_sum: {...}}")
-    size: int = opt(0, "reasoning_gym: training items to generate (0 = data.train_size)", min=0)
-    answer_extract: str = opt("answer_tags", "reasoning_gym: where a completion's answer is read: <answer>..</answer>, "
-                              "\\boxed{..}, the last line, or after the last '#' (marker)",
-                              choices=("answer_tags", "boxed", "last_line", "marker"))
-    prompt_template: str = opt("", "prompt text: for data files {prompt} and the row's other columns (e.g. '{prompt} "
-                               "Put the final answer in \\boxed{{}}.'); for reasoning_gym {question} and metadata "
-                               "fields (e.g. '{expression} ='); empty = the prompt as is (reasoning_gym: the question "
-                               "plus a line on the answer format)")
-    partial_credit: bool = opt(False, "reasoning_gym: reward = the task's score as is (partial credit for near "
-                               "misses); false = 1 only for full marks, else 0")
+    difficulty: Int = opt(2, "built-in task: number of operations after the first sum (1..3)", ge=1, le=3)
+    train_size: Int = opt(20000, "built-in task: number of training problems", ge=1)
+    eval_size: Int = opt(256, "held-out problems for evaluation (never trained on)", ge=1)
+    seed: Int = opt(-1, "seed of the train/eval split; -1 = the run's seed", ge=-1)
+    sticky_steps: Int = opt(1, "reuse each prompt mini-batch for this many steps in a row (KAE needs > 1)", ge=1)
+    task: str | list[str] = opt("", "reasoning_gym: generator name (chain_sum), or a list of them to mix")
+    task_weights: list[Float] = opt([], "reasoning_gym: sampling weight of each data.task (empty = equal)")
+    task_config: dict[str, Any] = opt({}, "reasoning_gym: generator options, one mapping per task if several")
+    size: Int = opt(0, "reasoning_gym: training items to generate (0 = data.train_size)", ge=0)
+    answer_extract: Literal["answer_tags", "boxed", "last_line", "marker"] = opt(
+        "answer_tags", "reasoning_gym: where a completion's answer is read")
+    prompt_template: str = opt("", "prompt text with {fields} of the row or item; empty = the prompt as is")
+    partial_credit: bool = opt(False, "reasoning_gym: reward = the task's score (false: 1 for full marks, else 0)")
+class RolloutConfig(Section):
+    batch_prompts: Int = opt(64, "prompts per rollout batch", ge=1)
+    group_size: Int = opt(4, "completions per prompt, G", ge=1)
+    temperature: Float = opt(0.7, "sampling temperature, also of the log-probs (astar needs 1.0)", gt=0)
+    top_p: Float = opt(1.0, "nucleus sampling mass", gt=0, le=1)
+    max_new_tokens: Int = opt(48, "longest completion, in tokens", ge=1)
+    backend: Literal["hf", "vllm"] = opt("hf", "what samples the rollouts: this process (hf) or a vLLM engine")
+    vllm_gpu_memory: Float = opt(0.3, "vllm: share of the GPU's memory for the engine", gt=0, le=1)
+    vllm_sleep: bool = opt(True, "vllm: release the engine's GPU memory between rollouts (sleep mode)")
+    allocation: Literal["uniform", "skip", "budget"] = opt("uniform", "which prompts a step rolls out, how many each")
+    candidates: Int = opt(0, "budget: prompts considered per step (0 = 2 x batch_prompts)", ge=0)
+    min_per_prompt: Int = opt(2, "budget: fewest completions of a prompt that is rolled out", ge=1)
+    max_per_prompt: Int = opt(8, "budget: most completions of one prompt", ge=1)
+    skip_floor: Float = opt(0.1, "skip: the least chance that a considered prompt is rolled out", gt=0, le=1)
+    passrate_prior: Literal["population", "vstar", "cross_prompt"] = opt("population", "prior of pass-rate estimates")
+    passrate_strength: Float = opt(2.0, "weight of the prior in a pass-rate estimate, in samples", gt=0)
+    passrate_visits: Float = opt(2.0, "pass rate: the k-th most recent visit weighs exp(-k / this)", gt=0)
+    prior_neighbors: Int = opt(32, "cross_prompt prior: similar prompts it averages", ge=1)
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: replace groups of all-equal rewards")
+    dynamic_max_rounds: Int = opt(4, "dynamic_sampling: most rollout rounds per step", ge=1)
+class AlgoConfig(Section):
+    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar"] = opt(
+        "rloo", "advantage estimator: each sample's reward minus a baseline")
+    loss: Literal["auto", "pg", "astar", "ppo"] = opt("auto", "policy loss (auto: astar if estimator=astar, else pg)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = opt(
+        "seq-mean-token-sum", "how token losses become one number")
+    clip_low: Float = opt(0.2, "PPO clip: lower bound 1-clip_low on the ratio", ge=0)
+    clip_high: Float = opt(0.2, "PPO clip: upper bound 1+clip_high on the ratio", ge=0)
+    kae_kernel: Literal["triangular", "exponential"] = opt("triangular", "KAE kernel")
+    kae_bandwidth: Float = opt(10.0, "KAE bandwidth h", gt=0)
+    kae_bandwidth_mode: Literal["window", "relative", "auto"] = opt("window", "KAE distance: (i-s)/h or (i-s)/(i*h)")
+    kae_auto_c: Float = opt(1.0, "KAE auto bandwidth: h = kae_auto_c * N(x)^(-1/3)", gt=0)
+    kae_scale: Literal["none", "batch"] = opt("none", "KAE: divide advantages by their batch std (unconfirmed)")
+    reinforce_baseline: Literal["loo", "none"] = opt("loo", "REINFORCE baseline")
+    vstar_n: Int = opt(8, "A*-PO stage 1: reference samples per training prompt (at temperature 1)", ge=1)
+    vstar_path: str = opt("", "A*-PO: V* cache file (JSON); empty = one under model.cache_dir")
+    vstar_prompts: Int = opt(0, "A*-PO: use only the first N training prompts (0 = all)", ge=0)
+    vstar_drop_unsolved: bool = opt(False, "A*-PO: train only on prompts that some stage-1 sample solved")
+    astar_beta1: Float = opt(0.5, "A*-PO: V* = beta1 * log mean exp(r / beta1) (0 = plain mean)", ge=0)
+    astar_beta2: Float = opt(1e-3, "A*-PO: loss (beta2 * log(pi/pi_ref) - (r - V*))^2", gt=0)
+    kl_coef: Float = opt(0.0, "KL(pi || pi_ref) penalty in the loss (0 = off: no reference model)", ge=0)
+    kl_estimator: Literal["k1", "k3"] = opt("k3", "KL estimator per token: k1 = log ratio, k3 = low-variance, >= 0")
+    entropy_coef: Float = opt(0.0, "entropy bonus: this times the token entropy off the loss", ge=0)
+    gae_gamma: Float = opt(1.0, "PPO: GAE discount over completion tokens", ge=0, le=1)
+    gae_lambda: Float = opt(1.0, "PPO: GAE lambda (1 = Monte-Carlo returns minus values)", ge=0, le=1)
+    value_clip: Float = opt(0.2, "PPO: most change of the critic's prediction per update", gt=0)
+class TrainConfig(Section):
+    lr: Float = opt(2e-4, "AdamW learning rate (3e-4 collapses the embedded model)", gt=0)
+    warmup_steps: Int = opt(10, "linear learning-rate warm-up, in optimizer steps", ge=0)
+    lr_schedule: Literal["constant", "cosine"] = opt("cosine", "learning rate after warm-up (cosine: to 0 at the end)")
+    weight_decay: Float = opt(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: Float = opt(1.0, "gradient-norm clip (0 = off)", ge=0)
+    micro_batch: Int = opt(16, "sequences per forward/backward pass (sets memory, not the update)", ge=1)
+    filter_threshold: Float = opt(0.0, "skip samples with |advantage| <= this before their forward pass", ge=0)
+    ppo_epochs: Int = opt(1, "passes over each rollout batch (> 1 = off-policy updates with the PPO clip)", ge=1)
+    mini_batches: Int = opt(1, "optimizer steps per pass over the rollout batch (> 1 = off-policy)", ge=1)
+    critic_lr: Float = opt(1e-3, "PPO: AdamW learning rate of the critic (value head)", gt=0)
+    max_bad_steps: Int = opt(5, "NaN/inf steps are skipped; stop after this many in a row", ge=1)
+    strategy: Literal["ddp", "fsdp"] = opt("ddp", "data parallelism under torchrun: ddp, or fsdp (sharded)")
+    fsdp_reshard_after_forward: bool = opt(True, "fsdp: free gathered weights after each layer's forward")
+    fsdp_cpu_offload: bool = opt(False, "fsdp on GPUs: keep shards and optimizer state in CPU memory")
+class RewardConfig(Section):
+    funcs: list[str] = opt([], "reward functions, summed (math, format, module:function, ...); empty = the task's")
+    weights: list[Float] = opt([], "weight of each of reward.funcs (empty = 1 each)")
+    on_error: Literal["raise", "zero"] = opt("raise", "a reward function that fails: stop, or score 0 and count it")
+    timeout_s: Float = opt(0.0, "deadline per reward-function call, seconds (0 = none; > 0: in a worker)", ge=0)
+class EvalConfig(Section):
+    pass_k: Int = opt(4, "k for pass@k (sampled at temperature eval.temperature); 0 = off", ge=0)
+    temperature: Float = opt(1.0, "sampling temperature for pass@k", gt=0)
+    log_examples: Int = opt(4, "held-out completions logged to the trackers at each evaluation (0 = none)", ge=0)
 
-
-@dataclass
-class RolloutConfig:
-    batch_prompts: int = opt(64, "prompts per rollout batch (train.ppo_epochs x train.mini_batches optimizer steps per "
-                             "batch, one by default)", min=1)
-    group_size: int = opt(4, "completions per prompt, G", min=1)
-    temperature: float = opt(0.7, "sampling temperature (rollouts; log-probs are taken at the same temperature); "
-                             "algo.estimator=astar needs 1.0, the temperature V* is estimated at", gt=0)
-    top_p: float = opt(1.0, "nucleus sampling mass", gt=0, max=1)
-    max_new_tokens: int = opt(48, "longest completion, in tokens", min=1)
-    backend: str = opt("hf", "what samples the training rollouts: hf = in this process (frugalrl's fast loop for "
-                       "Llama/Qwen2, else Hugging Face generate); vllm = a vLLM engine on the GPU that gets the "
-                       "policy's weights before each rollout", choices=("hf", "vllm"))
-    vllm_gpu_memory: float = opt(0.3, "vllm: share of the GPU's memory for the engine's weights and KV cache",
-                                 gt=0, max=1)
-    vllm_sleep: bool = opt(True, "vllm: release the engine's GPU memory between rollouts (sleep mode), for the "
-                           "training step")
-    allocation: str = opt("uniform", "which prompts a step rolls out and how many completions each gets, always "
-                          "batch_prompts x group_size in all: uniform = the sampler's batch, G each; skip = skip "
-                          "prompts whose groups are predicted all-equal (GRESO), drawing more to fill the batch; "
-                          "budget = choose prompts and counts from rollout.candidates to maximise the expected "
-                          "learning signal (Knapsack RL); see README", choices=("uniform", "skip", "budget"))
-    candidates: int = opt(0, "budget: prompts considered per step (0 = 2 x batch_prompts)", min=0)
-    min_per_prompt: int = opt(2, "budget: fewest completions of a prompt that is rolled out", min=1)
-    max_per_prompt: int = opt(8, "budget: most completions of one prompt", min=1)
-    skip_floor: float = opt(0.1, "skip: the least chance that a prompt is rolled out when considered, however sure the "
-                            "prediction (so that a skipped prompt is re-checked)", gt=0, max=1)
-    passrate_prior: str = opt("population", "prior of a prompt's pass rate before its history: population = the run's "
-                              "mean reward; vstar = A*-PO's stage-1 pass rate; cross_prompt = the pass rates of the "
-                              "most similar prompts (the starting policy's hidden states)",
-                              choices=("population", "vstar", "cross_prompt"))
-    passrate_strength: float = opt(2.0, "weight of the prior in a pass-rate estimate, in samples", gt=0)
-    passrate_visits: float = opt(2.0, "pass-rate estimate: a prompt's k-th most recent visit weighs exp(-k / this), in "
-                                 "visits (not steps: a prompt recurs once an epoch)", gt=0)
-    prior_neighbors: int = opt(32, "cross_prompt prior: similar prompts it averages", min=1)
-    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal and roll out "
-                                 "more prompts until batch_prompts groups differ (their generation is paid for)")
-    dynamic_max_rounds: int = opt(4, "dynamic_sampling: most rollout rounds per step (then the batch is filled with "
-                                  "all-equal groups)", min=1)
-
-
-@dataclass
-class AlgoConfig:
-    estimator: str = opt("rloo", "advantage estimator: each sample's reward minus a baseline (from its group, the "
-                         "batch, its prompt's history (kae) or V* (astar))",
-                         choices=("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar"))
-    loss: str = opt("auto", "policy loss: pg = policy gradient with the PPO clip; astar = A*-PO's regression on log(pi "
-                    "/ pi_ref); ppo = pg with a learned critic whose per-token GAE advantages replace the estimator's "
-                    "(configs/ppo.yaml); auto = astar under algo.estimator=astar, else pg",
-                    choices=("auto", "pg", "astar", "ppo"))
-    loss_agg: str = opt("seq-mean-token-sum", "how token losses become one number (seq-mean-token-sum-norm: token sums "
-                        "/ rollout.max_new_tokens, Dr. GRPO's constant)",
-                        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
-    clip_low: float = opt(0.2, "PPO clip: lower bound 1-clip_low on the ratio", min=0)
-    clip_high: float = opt(0.2, "PPO clip: upper bound 1+clip_high on the ratio", min=0)
-    kae_kernel: str = opt("triangular", "KAE kernel", choices=("triangular", "exponential"))
-    kae_bandwidth: float = opt(10.0, "KAE bandwidth h", gt=0)
-    kae_bandwidth_mode: str = opt("window", "KAE distance: window (i-s)/h, relative (i-s)/(i*h), auto",
-                                  choices=("window", "relative", "auto"))
-    kae_auto_c: float = opt(1.0, "KAE auto bandwidth: h = kae_auto_c * N(x)^(-1/3)", gt=0)
-    kae_scale: str = opt("none", "KAE: divide advantages by their batch std (unconfirmed in the paper)",
-                         choices=("none", "batch"))
-    reinforce_baseline: str = opt("loo", "REINFORCE baseline", choices=("loo", "none"))
-    vstar_n: int = opt(8, "A*-PO stage 1: reference samples per training prompt (at temperature 1)", min=1)
-    vstar_path: str = opt("", "A*-PO: V* cache file (JSON); empty = model.cache_dir/vstar-<hash of what it depends "
-                          "on>.json")
-    vstar_prompts: int = opt(0, "A*-PO: run stage 1 on, and train on, only the first N training prompts (stage 1 costs "
-                             "vstar_n samples per prompt); 0 = all", min=0)
-    vstar_drop_unsolved: bool = opt(False, "A*-PO: train only on prompts that some stage-1 sample solved (reward > 0)")
-    astar_beta1: float = opt(0.5, "A*-PO: V* = beta1 * log mean exp(r / beta1) (0 = plain mean)", min=0)
-    astar_beta2: float = opt(1e-3, "A*-PO: loss (beta2 * log(pi/pi_ref) - (r - V*))^2", gt=0)
-    kl_coef: float = opt(0.0, "KL(pi || pi_ref) penalty in the loss (0 = off: no reference model is kept)", min=0)
-    kl_estimator: str = opt("k3", "KL estimator per token: k1 = log ratio, k3 = low-variance, >= 0",
-                            choices=("k1", "k3"))
-    entropy_coef: float = opt(0.0, "entropy bonus: subtract this times the token entropy, aggregated like the loss "
-                              "(algo.loss_agg), from the loss", min=0)
-    gae_gamma: float = opt(1.0, "PPO: GAE discount over completion tokens", min=0, max=1)
-    gae_lambda: float = opt(1.0, "PPO: GAE lambda (1 = Monte-Carlo returns minus values)", min=0, max=1)
-    value_clip: float = opt(0.2, "PPO: the critic's prediction moves at most this far (reward units) per update in the "
-                            "clipped value loss", gt=0)
-
-
-@dataclass
-class TrainConfig:
-    lr: float = opt(2e-4, "AdamW learning rate (3e-4 collapses the embedded model; see README)", gt=0)
-    warmup_steps: int = opt(10, "linear learning-rate warm-up, in optimizer steps (train.ppo_epochs x "
-                            "train.mini_batches per rollout batch)", min=0)
-    lr_schedule: str = opt("cosine", "learning rate after warm-up: constant, or cosine decay to 0 at the last "
-                           "optimizer step (max_steps x train.ppo_epochs x train.mini_batches)",
-                           choices=("constant", "cosine"))
-    weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
-    max_grad_norm: float = opt(1.0, "gradient-norm clip (0 = off)", min=0)
-    micro_batch: int = opt(16, "sequences per forward/backward pass (gradient accumulation; sets back-propagation's "
-                           "memory)", min=1)
-    filter_threshold: float = opt(0.0, "drop samples with |advantage| <= this before their forward pass (0 drops exact "
-                                  "zeros only, and only where that leaves the update unchanged)", min=0)
-    ppo_epochs: int = opt(1, "passes over each rollout batch (> 1 = off-policy updates with the PPO clip)", min=1)
-    mini_batches: int = opt(1, "optimizer steps per pass over the rollout batch (> 1 = off-policy updates with the PPO "
-                            "clip)", min=1)
-    critic_lr: float = opt(1e-3, "PPO: AdamW learning rate of the critic (value head)", gt=0)
-    max_bad_steps: int = opt(5, "a step whose loss or gradient is NaN/inf is skipped; stop with an error after this "
-                             "many in a row", min=1)
-    strategy: str = opt("ddp", "data parallelism under torchrun: ddp = every process holds the whole model, its "
-                        "gradients and optimizer state; fsdp = torch's FSDP2 shards them over the processes (see "
-                        "README, Scale-out)", choices=("ddp", "fsdp"))
-    fsdp_reshard_after_forward: bool = opt(True, "fsdp: free each layer's gathered weights after its forward pass and "
-                                           "gather them again for the backward (less memory, more traffic)")
-    fsdp_cpu_offload: bool = opt(False, "fsdp on GPUs: keep the sharded weights, gradients and optimizer state in CPU "
-                                 "memory and step the optimizer there (torch's CPUOffloadPolicy); no effect on the CPU")
-
-
-@dataclass
-class RewardConfig:
-    funcs: list[str] = opt([], "reward functions, summed: math, format, arithmetic, module:function or "
-                           "path/to/file.py:function (TRL signature); empty = the task's own reward")
-    weights: list[float] = opt([], "weight of each of reward.funcs (empty = 1 each)")
-    on_error: str = opt("raise", "a reward function that raises or times out: raise = stop with an error naming the "
-                        "sample; zero = score it 0 and count it (reward_errors)", choices=("raise", "zero"))
-    timeout_s: float = opt(0.0, "deadline per reward-function call, seconds (0 = none: called in this process); > 0 "
-                           "calls the functions in a worker process, killed and restarted when a call runs past it",
-                           min=0)
-
-
-@dataclass
-class EvalConfig:
-    pass_k: int = opt(4, "k for pass@k (sampled at temperature eval.temperature); 0 = off", min=0)
-    temperature: float = opt(1.0, "sampling temperature for pass@k", gt=0)
-    log_examples: int = opt(4, "held-out prompts whose greedy completion, answer and reward go to the report_to "
-                            "trackers as a table at each evaluation (0 = none)", min=0)
-
-
-@dataclass
-class Config:
-    max_steps: int = opt(600, "training steps, one rollout batch each (and train.ppo_epochs x train.mini_batches "
-                         "optimizer steps)", min=1)
-    seed: int = opt(0, "random seed (python, numpy, torch, data)", min=-2**63, max=2**64 - 1)  # torch's range
+class Config(Section):
+    max_steps: Int = opt(600, "training steps, one rollout batch each", ge=1)
+    seed: Int = opt(0, "random seed (python, numpy, torch, data)", ge=-2**63, le=2**64 - 1)  # torch's range
     output_dir: str = opt("runs/latest", "run directory: config, metrics, plots, checkpoints, final model")
-    resume: str = opt("", "run directory to continue from its newest complete checkpoint (what `frugalrl train "
-                      "--resume DIR` sets; output_dir must be the same directory)")
-    save_every: int = opt(0, "checkpoint every N steps and at the last step (0 = only the final model; SIGINT/SIGTERM "
-                          "checkpoint anyway)", min=0)
-    save_total_limit: int = opt(0, "keep only the newest N checkpoints (0 = keep all)", min=0)
-    eval_every: int = opt(50, "evaluate every N steps (0 = off)", min=0)
-    max_wall_s: float = opt(480.0, "stop after this many seconds of training, evaluation excluded (0 = no limit)",
-                            min=0)
-    threads: int = opt(0, "torch CPU threads (0 = torch's default)", min=0)
-    log_every: int = opt(0, "when stdout is not a terminal (a log file), print one progress line every N steps (0 = "
-                         "about 20 lines a run); a terminal shows a progress bar instead", min=0)
-    report_to: str | list[str] = opt([], "experiment trackers that get every metrics row and, at each evaluation, a "
-                                     "table of held-out completions: a list of tensorboard, wandb, mlflow, trackio, or "
-                                     "one name (each: pip install 'frugalrl[NAME]'); [] or none = no tracker. Offline "
-                                     "by default: see `frugalrl.tracking`")
+    resume: str = opt("", "run directory to continue (`--resume DIR`; output_dir must be the same)")
+    save_every: Int = opt(0, "checkpoint every N steps and at the last (0 = only the final model)", ge=0)
+    save_total_limit: Int = opt(0, "keep only the newest N checkpoints (0 = keep all)", ge=0)
+    eval_every: Int = opt(50, "evaluate every N steps (0 = off)", ge=0)
+    max_wall_s: Float = opt(480.0, "stop after this many seconds of training, evaluation excluded (0 = none)", ge=0)
+    threads: Int = opt(0, "torch CPU threads (0 = torch's default)", ge=0)
+    log_every: Int = opt(0, "without a terminal, a progress line every N steps (0 = ~20 a run)", ge=0)
+    report_to: str | list[str] = opt([], "experiment trackers: tensorboard, wandb, mlflow, trackio ([] or none)")
     project: str = opt("frugalrl", "the trackers' project (W&B project, MLflow experiment, trackio project)")
     run_name: str = opt("", "the run's name in the trackers (empty = the name of output_dir)")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algo: AlgoConfig = AlgoConfig()
+    train: TrainConfig = TrainConfig()
+    reward: RewardConfig = RewardConfig()
+    eval: EvalConfig = EvalConfig()
 
-    def __post_init__(self):
-        _check_consistency(self)
+    @model_validator(mode="after")
+    def _rules(self):  # the rules between options, once pydantic has checked each one
+        ro, est, w = self.rollout, self.algo.estimator, self.reward.weights
+        group, budget, g = est in ("grpo", "dr_grpo", "rloo"), ro.allocation == "budget", ro.group_size
+        off = [k for k, v in VSTAR_SAMPLING.items() if getattr(ro, k) != v]  # sampled unlike A*-PO's stage 1
+        for broken, why in [
+            (group and g < 2, f"algo.estimator={est} needs rollout.group_size >= 2 (or use kae or reinforce)"),
+            (budget and ro.min_per_prompt > ro.max_per_prompt, "rollout.min_per_prompt exceeds rollout.max_per_prompt"),
+            (budget and group and ro.min_per_prompt < 2, f"algo.estimator={est} needs rollout.min_per_prompt >= 2"),
+            (budget and (ro.candidates or 2 * ro.batch_prompts) * ro.max_per_prompt < ro.batch_prompts * g,
+             "rollout.allocation=budget cannot spend a step's completions: raise rollout.candidates or max_per_prompt"),
+            (ro.dynamic_sampling and ro.allocation != "uniform", "rollout.dynamic_sampling needs allocation=uniform"),
+            (ro.passrate_prior == "vstar" and est != "astar", "rollout.passrate_prior=vstar needs estimator astar"),
+            (w and len(w) != len(self.reward.funcs), "reward.weights: give one weight per function, or none (1 each)"),
+            (est == "astar" and off, "algo.estimator=astar compares each reward with V* of the reference sampled at "
+             "temperature 1.0 and top_p 1.0, but " + " and ".join(f"rollout.{k}={getattr(ro, k)}" for k in off)
+             + " samples another distribution; set " + " and ".join(f"rollout.{k}=1.0" for k in off)),
+            (self.resume and os.path.abspath(self.resume) != os.path.abspath(self.output_dir),
+             f"resume={self.resume} continues that run in place: output_dir must be the same directory")]:
+            if broken:
+                raise ValueError(why)
+        from frugalrl import tracking  # here: tracking builds on this module
+        tracking.backends(self.report_to)  # an unknown or uninstalled tracker: a ValueError before any work
+        return self
 
+VSTAR_SAMPLING = {"temperature": 1.0, "top_p": 1.0}  # how A*-PO's stage 1 samples the reference; stage 2 must match
+_RETIRED = {("algo.estimator", "gae"): "algo.estimator=gae is now algo.loss=ppo (PPO's critic and GAE are a loss): set "
+            "algo.loss=ppo algo.estimator=reinforce algo.reinforce_baseline=none, as configs/ppo.yaml does"}
 
-# Estimators whose baseline comes from the prompt's own group: with one sample per prompt every advantage is 0
-# (rloo refuses, grpo/dr_grpo would silently train nothing).
-_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-# How A*-PO stage 1 samples: the reference itself (the paper's setting), so V* is the value of pi_ref untempered.
-# Stage 2 must sample the same way, or r - V* compares the rewards of one distribution with the value of another.
-VSTAR_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
-# Values that an option takes no more, and what replaced them.
-_RETIRED = {("algo.estimator", "gae"): "algo.estimator=gae is now algo.loss=ppo (PPO's critic and GAE are a loss, not "
-            "an estimator): set algo.loss=ppo algo.estimator=reinforce algo.reinforce_baseline=none, as "
-            "configs/ppo.yaml does"}
-
-
-def _check_consistency(cfg: Config) -> None:
-    """The rules between options (each option's own type and range are checked as it is set): ConfigError saying
-    what to change."""
-    ro, est = cfg.rollout, cfg.algo.estimator
-    candidates = ro.candidates or 2 * ro.batch_prompts
-    wrong = [k for k, v in VSTAR_SAMPLING.items() if getattr(ro, k) != v]
-    rules = [
-        (est in _GROUP_ESTIMATORS and ro.group_size < 2,
-         f"algo.estimator={est} compares the completions of each prompt, so it needs rollout.group_size >= 2 "
-         f"(got {ro.group_size}); raise it, or use algo.estimator=kae or reinforce, which work with one completion "
-         "per prompt"),
-        (ro.allocation == "budget" and ro.min_per_prompt > ro.max_per_prompt,
-         f"rollout.min_per_prompt={ro.min_per_prompt} exceeds rollout.max_per_prompt={ro.max_per_prompt}; lower the "
-         "first or raise the second"),
-        (ro.allocation == "budget" and est in _GROUP_ESTIMATORS and ro.min_per_prompt < 2,
-         f"algo.estimator={est} learns nothing from a prompt with one completion; set rollout.min_per_prompt >= 2"),
-        (ro.allocation == "budget" and candidates * ro.max_per_prompt < ro.batch_prompts * ro.group_size,
-         f"rollout.allocation=budget: {candidates} candidates x rollout.max_per_prompt={ro.max_per_prompt} cannot "
-         f"spend the {ro.batch_prompts * ro.group_size} completions of a step; raise rollout.candidates or "
-         "rollout.max_per_prompt"),
-        (ro.dynamic_sampling and ro.allocation != "uniform",
-         "rollout.dynamic_sampling replaces the allocation; it needs rollout.allocation=uniform "
-         f"(got {ro.allocation})"),
-        (ro.passrate_prior == "vstar" and est != "astar",
-         "rollout.passrate_prior=vstar reads A*-PO's stage-1 samples, which only algo.estimator=astar makes; use "
-         "population or cross_prompt"),
-        (cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs),
-         f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} reward.funcs; give one "
-         "weight per function, or none (1 each)"),
-        (est == "astar" and wrong,
-         "algo.estimator=astar compares each reward with V*, the value of the reference sampled at "
-         + " and ".join(f"{k} {v}" for k, v in VSTAR_SAMPLING.items()) + ", but "
-         + " and ".join(f"rollout.{k}={getattr(ro, k)}" for k in wrong) + " samples another distribution; set "
-         + " and ".join(f"rollout.{k}={VSTAR_SAMPLING[k]}" for k in wrong)),
-        (cfg.resume and os.path.abspath(cfg.resume) != os.path.abspath(cfg.output_dir),
-         f"resume={cfg.resume} continues that run in place, but output_dir={cfg.output_dir}; drop output_dir "
-         "(`frugalrl train --resume DIR` sets it) or make them equal"),
-    ]
-    for broken, message in rules:
-        if broken:
-            raise ConfigError(message)
-    from frugalrl import tracking  # here: tracking builds on this module
-
-    try:
-        tracking.backends(cfg.report_to)
-    except ValueError as e:  # an unknown or uninstalled tracker: say so before any work
-        raise ConfigError(str(e)) from None
-
-
-# --- Machinery, generic over any tree of dataclasses made with `opt()` (a dataclass-typed field is a *section*, every
-# other field an *option*): adding a field to the schema above needs no change below. pydantic validates the values.
-
+# --- Machinery, generic over any tree of `Section`s: adding an option above needs no change below.
 class ConfigError(ValueError):
     """A configuration problem, with a short message that says what to change."""
 
-
-_NULL_WORDS = ("null", "none", "~", "")
-_UNION = (Union, types.UnionType)
-_HINTS = {int: " (a whole number)", float: " (a number such as 0.5 or 1e-4)", bool: " (true/false, yes/no, 1/0)",
-          list: " (YAML list such as [a, b])", dict: " (YAML mapping such as {a: 1})"}
-_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-_hints = functools.cache(typing.get_type_hints)
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One option of a config tree, flattened: `key` is dotted ("algo.estimator")."""
-
-    key: str
-    type: Any
-    default: Any
-    help: str
-    choices: tuple | None = None
-    min: float | None = None
-    max: float | None = None
-    gt: float | None = None
-    lt: float | None = None
-
-    @property
-    def section(self) -> str:
-        """The dotted section holding the option ("" for top-level options)."""
-        return self.key.rpartition(".")[0]
-
-    @property
-    def type_name(self) -> str:
-        return _type_name(self.type)
-
-    def range_text(self) -> str:
-        """The numeric bounds in words (">= 1", "> 0 and <= 1"), or "" when unbounded."""
-        bounds = ((">", self.gt), (">=", self.min), ("<", self.lt), ("<=", self.max))
+class FieldSpec(collections.namedtuple("FieldSpec", "key type default help choices ge le gt lt", defaults=(None,) * 5)):
+    """One option of a config tree, flattened: `key` is dotted ("algo.estimator"); ge/le/gt/lt are its bounds."""
+    section = property(lambda self: self.key.rpartition(".")[0])  # "" for a top-level option
+    type_name = property(lambda s: re.sub(r"<class '(\w+)'>|typing\.|Annotated\[(\w+),[^]]*]", r"\1\2", str(s.type)))
+    def range_text(self) -> str:  # the bounds in words (">= 1", "> 0 and <= 1"), or ""
+        bounds = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
         return " and ".join(f"{op} {_fmt(bound)}" for op, bound in bounds if bound is not None)
+    def describe(self) -> str:  # one help line: `key (type, default X) help [choices: a|b] [range: >= 1]`
+        allowed = f" [choices: {'|'.join(map(_fmt, self.choices))}]" if self.choices else ""
+        allowed += f" [range: {self.range_text()}]" if self.range_text() else ""
+        return f"{self.key} ({self.type_name}, default {_fmt(self.default)}) {self.help}{allowed}"
 
-    def describe(self) -> str:
-        """One help line: `key (type, default X) help [choices: a|b] [range: >= 1]`."""
-        choices = f" [choices: {'|'.join(map(_fmt, self.choices))}]" if self.choices else ""
-        bounds = f" [range: {self.range_text()}]" if self.range_text() else ""
-        return f"{self.key} ({self.type_name}, default {_fmt(self.default)}) {self.help}{choices}{bounds}"
-
-    @functools.cached_property
-    def validator(self) -> TypeAdapter:
-        """pydantic's validator of the option: its type (the Literal of its choices, if any) and its bounds."""
-        bounds = {k: v for k, v in dict(ge=self.min, le=self.max, gt=self.gt, lt=self.lt).items() if v is not None}
-        return TypeAdapter(Literal[self.choices] if self.choices else _lenient(self.type, bounds))
-
-
-@functools.cache
-def _specs(cls) -> dict[str, FieldSpec]:
-    """The options of the dataclass tree `cls` by dotted key, in declaration order."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        tp, meta = _hints(cls)[f.name], f.metadata
-        if dataclasses.is_dataclass(tp):  # a section
-            out.update({f"{f.name}.{k}": dataclasses.replace(s, key=f"{f.name}.{k}") for k, s in _specs(tp).items()})
-            continue
-        choices = meta.get("choices") or (typing.get_args(tp) if typing.get_origin(tp) is Literal else None)
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        out[f.name] = FieldSpec(f.name, tp, default, meta.get("help", ""), choices,
-                                *(meta.get(bound) for bound in ("min", "max", "gt", "lt")))
+def field_specs(cls=None, prefix: str = "") -> list[FieldSpec]:
+    """Every option of the model tree `cls` (default `Config`), flattened to dotted keys, in declaration order."""
+    out = []
+    for name, f in (cls or Config).model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):  # a section
+            out += field_specs(f.annotation, f"{prefix}{name}.")
+        else:
+            choices = get_args(f.annotation) if get_origin(f.annotation) is Literal else None
+            bounds = {k: getattr(m, k) for m in f.metadata for k in ("ge", "le", "gt", "lt") if hasattr(m, k)}
+            tp = type(choices[0]) if choices else f.annotation
+            out.append(FieldSpec(prefix + name, tp, f.default, f.description, choices, **bounds))
     return out
 
-
-def field_specs(cls=None) -> list[FieldSpec]:
-    """Every option of the config tree `cls` (default `Config`), flattened to dotted keys, in declaration order
-    (top-level options first as declared, then each section)."""
-    return list(_specs(cls or Config).values())
-
-
-def _as_int(value):
-    """An int as YAML gives it: not a boolean; an integral float, or text such as '1e3' (a string to PyYAML)."""
-    if isinstance(value, bool):
-        raise ValueError("a boolean is not an int")
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return int(value)
-        with contextlib.suppress(ValueError):
-            number = float(value)
-            return int(number) if number.is_integer() else value
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _as_str(value):
-    """Text as YAML gives it: a number or a date (`output_dir: 2024-01-01`) is text, a boolean or null is not."""
-    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
-        return str(value)
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-def _refuse(kind):
-    """A validator that refuses values of `kind`, which pydantic's lax mode would convert (true to 1.0, 1.0 to true)."""
-    def refuse(value):
-        if isinstance(value, kind):
-            raise ValueError(f"{value!r} is refused")
-        return value
-    return BeforeValidator(refuse)
-
-
-def _null(value):
-    """'null', 'none', '~' or '' is None for an optional number."""
-    return None if isinstance(value, str) and value.strip().lower() in _NULL_WORDS else value
-
-
-_LEAVES = {int: Annotated[int, BeforeValidator(_as_int)], str: Annotated[str, BeforeValidator(_as_str)],
-           float: Annotated[float, _refuse(bool), Field(allow_inf_nan=False)], bool: Annotated[bool, _refuse(float)]}
-
-
-def _lenient(tp, bounds: dict | None = None):
-    """Type `tp` for pydantic, lenient at its leaves as `_LEAVES` says, `bounds` (ge/le/gt/lt) on its numbers."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in _UNION:
-        union = Union[tuple(_lenient(arg, bounds) for arg in args)]
-        return Annotated[union, BeforeValidator(_null)] if type(None) in args and str not in args else union
-    if origin in (list, tuple, set, frozenset, dict):
-        return origin[tuple(arg if arg is ... else _lenient(arg) for arg in args)]
-    return Annotated[_LEAVES[tp], Field(**bounds)] if bounds and tp in (int, float) else _LEAVES.get(tp, tp)
-
-
-def _check(spec: FieldSpec, value, where: str):
-    """`value` validated for the option `spec`, or ConfigError saying what the option allows."""
-    try:
-        return spec.validator.validate_python(value)
-    except ValidationError as e:
-        error = e.errors()[0]
-    if error["type"] == "literal_error" and isinstance(value, str) and (spec.key, value) in _RETIRED:
-        raise ConfigError(f"{where}: {_RETIRED[spec.key, value]}")
-    if error["type"] == "literal_error":
-        kind = "" if typing.get_origin(spec.type) is Literal else f" ({spec.type_name})"
-        why = f"expected one of {'|'.join(map(_fmt, spec.choices))}{kind}, got {_show(value)}"
-        close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
-        why += f"; did you mean {close[0]!r}?" if close else ""
-    elif error["type"] in _BOUND_ERRORS:
-        got = TypeAdapter(_lenient(spec.type)).validate_python(value)  # as converted: 1 for a float is 1.0
-        why = f"expected {spec.type_name} {spec.range_text()}, got {_show(got)}"
-    else:
-        why = _expected(spec.type, error["loc"], error["input"] if error["loc"] else value, error["type"])
-    raise ConfigError(f"{where}: bad value for '{spec.key}': {why}")
-
-
-def _expected(tp, loc: tuple, value, error: str) -> str:
-    """'expected TYPE, got VALUE', down to the item or key of a container that pydantic's error `loc` names."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if loc and args and origin in (list, tuple, set, frozenset, dict):
-        if origin is dict:
-            at_key = loc[1:2] == ("[key]",)
-            inner, rest, what = args[0 if at_key else 1], loc[2 if at_key else 1:], f"at key {_show(loc[0])}"
-        else:
-            inner = args[loc[0]] if origin is tuple and args[-1] is not ... else args[0]
-            rest, what = loc[1:], f"item {loc[0]}"
-        return f"expected {_type_name(tp)}, but {what}: {_expected(inner, rest, value, error)}"
-    if tp is float and type(value) is int:  # an int too large for a float
-        return f"expected float, got {_show(value)}, which is too large"
-    hint = f" ({len(args)} items)" if origin is tuple and args[-1:] != (...,) else _HINTS.get(origin or tp, "")
-    hint = " (a finite number)" if error == "finite_number" and tp is float else hint
-    quote = "; put it in quotes to mean the text" if tp is str and (value is None or isinstance(value, bool)) else ""
-    return f"expected {_type_name(tp)}{hint}, got {_show(value)}{quote}"
-
-
-def _type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in _UNION:
-        return " | ".join(map(_type_name, args))
-    if origin is Literal:
-        return "|".join(map(_fmt, args))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join('...' if a is ... else _type_name(a) for a in args)}]"
-    return {type(None): "None", Any: "any"}.get(tp) or getattr(tp, "__name__", str(tp))
-
-
-def _fmt(value) -> str:
-    """A value as a person would type it (YAML-ish): true, null, "", [a, b], 0.0001."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):  # as is where YAML reads it back as this very text, else as JSON (which YAML reads)
-        with contextlib.suppress(Exception):
-            if value and value.strip() == value and yaml.safe_load(value) == value:
-                return value
-        return json.dumps(value, ensure_ascii=False)
+def _fmt(value) -> str:  # a value as one would type it: text as is where YAML reads it back so, else JSON
     with contextlib.suppress(Exception):
-        flow = yaml.safe_dump(config_to_dict(value), default_flow_style=True, width=float("inf"), allow_unicode=True)
-        return flow.strip().removesuffix("...").strip()
-    return repr(value)
-
-
-def _show(value, limit: int = 80) -> str:
-    """A value given by the user, for an error message."""
-    text = "an empty value (null)" if value is None else repr(value) if isinstance(value, str) else _fmt(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
+        if isinstance(value, str) and value.strip() == value != "" and yaml.safe_load(value) == value:
+            return value
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 def config_to_dict(cfg) -> dict:
     """The config as nested plain dicts/lists/scalars (a deep copy; what `save_config` writes)."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, dict):
-        return {k: config_to_dict(v) for k, v in cfg.items()}
-    return [config_to_dict(v) for v in cfg] if isinstance(cfg, (list, tuple, set, frozenset)) else cfg
-
+    return cfg.model_dump(mode="json", warnings=False)
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts (`config_to_dict`, or a run's config.yaml as read) as one level of dotted
-    keys: {"algo": {"estimator": "kae"}} -> {"algo.estimator": "kae"}."""
-    out = {}
-    for key, value in data.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
-    return out
+    """Nested dicts as one level of dotted keys: {"algo": {"estimator": "kae"}} -> {"algo.estimator": "kae"}."""
+    parts = [flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v} for k, v in data.items()]
+    return {key: value for part in parts for key, value in part.items()}
 
+def _get(tree: dict, key: str):  # the value of the dotted `key` in nested dicts
+    return functools.reduce(dict.__getitem__, key.split(".") if key else [], tree)
 
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that rejects a key given twice in one mapping."""
-
+class _Loader(yaml.SafeLoader):  # rejects a key given twice in one mapping
     def construct_mapping(self, node, deep=False):
         seen = []  # a list: keys may be unhashable (SafeLoader reports those)
         for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                        f"found duplicate key {key!r}", key_node.start_mark)
-            seen.append(key)
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                seen.append(self.construct_object(key_node, deep=True))
+                if seen[-1] in seen[:-1]:
+                    raise yaml.MarkedYAMLError(None, None, f"found duplicate key {seen[-1]!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
-
-def _yaml(text: str, what: str):
-    """`text` read as YAML, or ConfigError: "{what} at line L, column C: the problem"."""
+def _yaml(text: str, what: str):  # `text` read as YAML, or ConfigError "{what} at line L, column C: the problem"
     try:
         return yaml.load(text, Loader=_Loader)
     except Exception as e:  # YAMLError, and the odd ValueError/RecursionError on absurd input
-        if not isinstance(e, yaml.MarkedYAMLError):
-            raise ConfigError(f"{what}: " + " ".join(str(e).split())) from None
-        mark = e.problem_mark or e.context_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        why = f"{e.problem} ({e.context})" if e.problem and e.context else e.problem or e.context or "syntax error"
+        mark, why = getattr(e, "problem_mark", None), " ".join(str(getattr(e, "problem", None) or e).split())
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{what}{at}: {why}") from None
 
+def _unknown(specs: dict, sections: set, key: str, where: str) -> ConfigError:  # `key` is no option: say what it is
+    above = [key.rsplit(".", i)[0] for i in range(key.count(".") + 1)]  # the key and its sections, the longest first
+    if option := next((k for k in above if k in specs), None):
+        return ConfigError(f"{where}: '{option}' is an option, not a section; write {option}=VALUE")
+    section, leaf = next((k for k in above if k in sections), ""), "." + key.rpartition(".")[2]
+    close = [k for k in difflib.get_close_matches(key, [*specs, *sections]) if k not in above]  # not its own section
+    close = [] if key == section else close + [k for k in specs if k.endswith(leaf)]
+    hint = ("did you mean " + " or ".join(dict.fromkeys(close)) + "?" if close else f"section '{section}' has: "
+            + ", ".join(k for k in specs if k.startswith(section + ".")) if section else "`--help` lists all options")
+    what = f"'{key}' is a section, not a single option" if key == section else f"unknown key {key!r}"
+    return ConfigError(f"{where}: {what}; {hint}")
 
-def _read_file(name: str) -> dict:
-    try:
-        with open(name, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
-        why = {FileNotFoundError: "does not exist", IsADirectoryError: "is a directory, not a YAML file",
-               UnicodeDecodeError: "is not UTF-8 text"}.get(type(e))
-        raise ConfigError(f"config file {name!r} {why}" if why
-                          else f"cannot read config file {name!r}: {e.strerror or e}") from None
-    data = _yaml(text, f"config file {name!r} is not valid YAML")
-    if not isinstance(data, (dict, type(None))):
-        kind = {list: "list", str: "string", int: "integer", float: "number", bool: "boolean"}.get(type(data))
-        raise ConfigError(f"config file {name!r} must hold a mapping of options (such as 'max_steps: 100'), "
-                          f"not a {kind or type(data).__name__}")
-    return data or {}
-
-
-def _parse_raw(text: str, tp, where: str):
-    """An override's value text, for an option of type `tp`: str options take the text as is (so `output_dir=2024`
-    or `name=0.10` stay text), except quoted or null text; everything else is read with YAML semantics (`1e-4`,
-    `true`, `[a, b]`, `{a: 1}`)."""
-    args = typing.get_args(tp) if typing.get_origin(tp) in _UNION else (tp,)
-    if str in args and type(None) in args and text.strip().lower() in _NULL_WORDS:
-        return None
-    if str in args and text.strip()[:1] not in ("'", '"'):
-        return text
-    value = _yaml(text, f"{where}: cannot parse value {_show(text)} as YAML")
-    return text if str in args and not isinstance(value, str) else value
-
-
-def _unknown(specs: dict, sections: set, key: str, section: str, where: str) -> ConfigError:
-    """ConfigError for the unknown `key`: the closest options or sections, else the keys of its `section`."""
-    low, by_name = key.lower(), {}
-    for k in specs:
-        by_name.setdefault(k.rpartition(".")[2], []).append(k)
-    close = by_name.get(low.rpartition(".")[2], []) + difflib.get_close_matches(low, [*specs, *sections], 3, 0.6)
-    for name in difflib.get_close_matches(low.rpartition(".")[2], list(by_name), 2, 0.7):
-        close += by_name[name]
-    close = [k for k in dict.fromkeys(close) if not low.startswith(k + ".")][:5]  # not the section the key names
-    if close:
-        return ConfigError(f"{where}: unknown key {key!r}; did you mean "
-                           + (close[0] if len(close) == 1 else "one of: " + ", ".join(close)) + "?")
-    if section:
-        keys = ", ".join(k for k in specs if k.startswith(section + "."))
-        return ConfigError(f"{where}: unknown key {key!r}; section '{section}' has: {keys}")
-    return ConfigError(f"{where}: unknown key {key!r}; run `frugalrl train --help` to list all options")
-
-
-class _Assembly:
-    """A config being assembled: the value of each option (by dotted key) and where each was set."""
-
-    def __init__(self, cls, base):
-        self.cls, self.specs, self.origin = cls, _specs(cls), {}
-        self.values = {k: config_to_dict(functools.reduce(getattr, k.split("."), base)) for k in self.specs}
-        self.sections = {k.rsplit(".", n)[0] for k in self.specs for n in range(1, k.count(".") + 1)}
-
-    def set(self, key, value, where: str, seen: set, raw: str | None = None) -> None:
-        """Set dotted `key` to `value`, or to the override text `raw` (parsed once the option's type is known).
-        A section takes a mapping of its keys."""
-        shown = (key if isinstance(key, str) else _fmt(key)).strip()
-        key = ".".join(part.strip().replace("-", "_") for part in shown.split("."))
-        if key in self.specs:
-            value = value if raw is None else _parse_raw(raw, self.specs[key].type, where)
-            if key in seen:
-                raise ConfigError(f"{where}: '{key}' is set twice")
-            seen.add(key)
-            self.values[key], self.origin[key] = _check(self.specs[key], value, where), where
-        elif key in self.sections:
-            value = value if raw is None else _yaml(raw, f"{where}: cannot parse value {_show(raw)} as YAML")
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    self.set(f"{key}.{k if isinstance(k, str) else _fmt(k)}", v, where, seen)
-            elif value is not None or raw is not None:  # `algo:` with nothing under it sets nothing
-                keys = [k for k in self.specs if k.startswith(key + ".")]
-                raise ConfigError(f"{where}: '{key}' is a section, not a single option; set its keys "
-                                  f"(e.g. {keys[0]}=VALUE): " + ", ".join(keys))
-        else:
-            parts = key.split(".")
-            above = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]  # the longest first
-            option = next((k for k in above if k in self.specs), None)
-            if option:
-                raise ConfigError(f"{where}: '{option}' is an option, not a section, so {shown!r} is not a key; "
-                                  f"write {option}=VALUE")
-            raise _unknown(self.specs, self.sections, shown, next((k for k in above if k in self.sections), ""), where)
-
-    def override(self, text) -> None:
-        if not isinstance(text, str):
-            raise ConfigError(f"override {text!r} must be a string of the form key=value")
-        key, eq, raw = text.partition("=")
-        if not eq or not key.strip():
-            name = text.strip().lstrip("-").replace("-", "_")
-            raise ConfigError(f"override {text!r} is not of the form key=value (e.g. max_steps=100)"
-                              + ("; overrides are written without leading dashes" if text.lstrip()[:1] == "-" else "")
-                              + (f"; to set {name!r}, write {name}=VALUE" if name in self.specs else ""))
-        self.set(key, None, f"override {text!r}", set(), raw)
-
-    def build(self, where: str):
-        """The config, once the options nobody set (they come from the base) are checked too, `where` their origin."""
-        for key in [k for k in self.specs if k not in self.origin]:
-            self.values[key] = _check(self.specs[key], self.values[key], where)
-        return self._make(self.cls, "")
-
-    def _make(self, cls, prefix: str):
-        hints = _hints(cls)
-        return cls(**{f.name: self._make(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name])
-                      else self.values[prefix + f.name] for f in dataclasses.fields(cls)})
-
+def _bad_value(error: dict, specs: dict, origin: dict, default_where: str) -> ConfigError:  # from pydantic's error
+    if not error["loc"]:  # a rule between options
+        return ConfigError(str(error["ctx"]["error"]))
+    loc = ".".join(map(str, error["loc"]))
+    key = max((k for k in specs if f"{loc}.".startswith(f"{k}.")), key=len)
+    spec, value, where = specs[key], error["input"], origin.get(key, default_where)
+    if isinstance(value, str) and (key, value) in _RETIRED:
+        return ConfigError(f"{where}: {_RETIRED[key, value]}")
+    close = difflib.get_close_matches(str(value), list(map(str, spec.choices or ())), n=1)
+    hint = {"dict_type": "; write a YAML mapping such as {a: 1}", "string_type": "; put it in quotes to mean the text"}
+    hint = f"; did you mean {close[0]!r}?" if close else hint.get(error["type"], "")
+    given = repr(value) if isinstance(value, str) else _fmt(value)  # 'text' in quotes, other values as YAML has them
+    where += f": bad value for '{loc if get_origin(spec.type) in (list, tuple, dict) else key}'"  # a list item: its loc
+    return ConfigError(f"{where} (expected {spec.type_name}{' ' * bool(spec.range_text())}{spec.range_text()}), got "
+                       f"{given}: {error['msg'].removeprefix('Value error, ')}{hint}")
 
 def load_config(path: str | os.PathLike | None = None, overrides=(), base=None):
-    """The config: `base` (default: the defaults of `Config`), then the YAML file `path` (nested mappings
-    `algo: {estimator: kae}` and/or dotted keys `algo.estimator: kae`), then `key=value` overrides in order, each
-    value read with YAML semantics for its option's type. Everything is validated; any problem raises ConfigError.
-    `base` may be any dataclass tree built with `opt()`; it is not modified."""
+    """The config: `base` (default: `Config()`; any tree of `Section`s, left as is), then the YAML file `path` (nested
+    and/or dotted keys), then `key=value` overrides in order (YAML for the option's type), validated: or ConfigError."""
     cls = Config if base is None else type(base)
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"base must be a dataclass instance, got {base!r}")
-    config = _Assembly(cls, cls() if base is None else base)
-    if path is not None:
-        where, seen = f"config file {os.fspath(path)!r}", set()
-        for key, value in _read_file(os.fspath(path)).items():
-            config.set(key, value, where, seen)
+    specs, tree, origin = {s.key: s for s in field_specs(cls)}, config_to_dict(cls() if base is None else base), {}
+    sections = {k.rsplit(".", n)[0] for k in specs for n in range(1, k.count(".") + 1)}
+    def put(key, value, where: str, raw: str | None = None) -> None:  # raw: an override's value text
+        key = ".".join(part.strip().replace("-", "_") for part in str(key).strip().split("."))
+        if raw is not None and (key in specs or key in sections):  # text options keep the text as typed, unless quoted
+            names, quoted = specs[key].type_name.split(" | ") if key in specs else [], raw.strip()[:1] in ("'", '"')
+            value = raw if "str" in names and not quoted else _yaml(raw, f"{where}: bad YAML")
+            value = None if "None" in names and raw.strip().lower() in ("null", "none", "~", "") else value
+        if origin.get(key) is where:  # each file and each override has its own `where`
+            raise ConfigError(f"{where}: '{key}' is set twice")
+        if key in specs:
+            _get(tree, key.rpartition(".")[0])[key.rpartition(".")[2]], origin[key] = value, where
+        elif key in sections and isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{key}.{k}", v, where)
+        elif key not in sections or value is not None or raw is not None:  # `algo:` alone sets nothing
+            raise _unknown(specs, sections, key, where)
+    where = f"config file {str(path)!r}"
+    try:
+        data = None if path is None else _yaml(Path(path).read_text(encoding="utf-8"), f"{where} is not valid YAML")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(f"{where} must hold a mapping of options, not {type(data).__name__}")
+    for key, value in (data or {}).items():
+        put(key, value, where)
     for text in [overrides] if isinstance(overrides, str) else overrides or ():
-        config.override(text)
-    return config.build("base config" if base is not None else "default value")
-
+        key, eq, raw = str(text).partition("=")
+        if not eq or not key.strip():
+            name, dashes = str(text).strip().lstrip("-").replace("-", "_"), str(text).lstrip()[:1] == "-"
+            raise ConfigError(f"override {text!r} is not of the form key=value (e.g. max_steps=100)"
+                              + (f"; write {name}=VALUE" if name in specs else "") + ", without dashes" * dashes)
+        put(key, None, f"override {text!r}", raw)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise _bad_value(e.errors()[0], specs, origin, "default value" if base is None else "base config") from None
 
 def apply_overrides(cfg, overrides=()):
-    """A copy of `cfg` with `key=value` overrides applied in order (`cfg` is not changed)."""
+    """A validated copy of `cfg` with `key=value` overrides applied in order (`cfg` is not changed): ConfigError if an
+    option has a wrong type, choice or range, or a rule between options fails."""
     return load_config(None, overrides, base=cfg)
 
-
-def validate_config(cfg) -> None:
-    """Raise ConfigError if any option of `cfg` has a wrong type, a value outside its choices, or a value out of
-    range."""
-    load_config(None, (), base=cfg)
-
+validate_config = apply_overrides  # validate_config(cfg): ConfigError if `cfg` is not a valid config
 
 def changed_options(cfg, base=None) -> list[str]:
-    """The `key=value` overrides (values as JSON, which YAML reads back) that turn `base` (default: the defaults of
-    `cfg`'s class) into `cfg`: to hand a config to a subprocess on top of some other file."""
-    new, old = (_Assembly(type(cfg), c).values for c in (cfg, type(cfg)() if base is None else base))
-    return [f"{key}={json.dumps(value)}" for key, value in new.items() if value != old[key]]
-
+    """The `key=value` overrides (JSON values, which YAML reads) that turn `base` (default: the defaults) into `cfg`."""
+    new, old = config_to_dict(cfg), config_to_dict(type(cfg)() if base is None else base)
+    keys = [s.key for s in field_specs(type(cfg))]
+    return [f"{k}={json.dumps(_get(new, k))}" for k in keys if _get(new, k) != _get(old, k)]
 
 def save_config(cfg, path: str | os.PathLike) -> None:
-    """Write `cfg` as YAML (every option, nested by section); `load_config(path)` reads it back to an equal config.
-    Parent directories are created."""
-    path = os.fspath(path)
-    try:
-        # allow_unicode=False: PyYAML folds line-break characters such as U+0085 inside a
-        # single-quoted scalar, so such text would not read back; escapes always round-trip.
-        text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=False, width=100)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot write config to {path!r}: {e}") from None
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
+    """Write `cfg` as YAML (every option, nested by section); `load_config(path)` reads it back to an equal config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # escapes, not unicode: PyYAML folds U+0085 in quoted text
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, width=100), encoding="utf-8")
 
 def format_help(cls=None) -> str:
-    """Every option, grouped by section, one `key (type, default X) help [choices: a|b]` line each (for
-    `frugalrl train --help`)."""
-    groups: dict[str, list[str]] = {}
-    for spec in field_specs(cls):
-        groups.setdefault(f"{spec.section or 'general'} options:", []).append("  " + spec.describe())
-    return "\n\n".join("\n".join([title, *lines]) for title, lines in groups.items()) + "\n"
+    """Every option, grouped by section, one `key (type, default X) help [choices: a|b]` line each (for `--help`)."""
+    groups = itertools.groupby(field_specs(cls), lambda spec: spec.section or "general")
+    return "\n\n".join(f"{name} options:\n" + "\n".join(f"  {s.describe()}" for s in specs)
+                       for name, specs in groups) + "\n"

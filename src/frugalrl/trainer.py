@@ -312,7 +312,8 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         console.print(f"resuming from {resume_from} (step {start})")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(replace(cfg, resume=""), run_dir / "config.yaml")  # usable as --config for a fresh run
+        # usable as --config for a fresh run
+        save_config(cfg.model_copy(update={"resume": ""}), run_dir / "config.yaml")
     metrics = recovery.MetricsLog(run_dir / "metrics.jsonl" if dist.is_main else None,
                                   keep_through=start if resume_from else None)
     trackers = Trackers.open(cfg, run_dir, start) if dist.is_main else Trackers()

@@ -1,110 +1,100 @@
 """The ``bench.*`` options of each bench (``frugalrl bench NAME bench.KEY=VALUE``).
 
 Kept apart from the benches themselves so that the command line can list them without
-importing torch. They are ``config.opt`` dataclasses, loaded and checked by ``load_config``
-like the run config.
+importing torch. They are pydantic models made with ``config.opt``, like the sections of the
+run config, and loaded and checked by ``load_config`` like it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from frugalrl.config import opt
+from frugalrl.config import Float, Int, Section, opt
 
 
-@dataclass
-class ValueOptions:
-    probes: int = opt(32, "probe prompts: the first N held-out prompts", min=2)
-    mc_samples: int = opt(64, "samples per probe prompt for its Monte Carlo value V(x) at each checkpoint", min=2)
-    every: int = opt(10, "a checkpoint (V(x) and every estimator's baseline) every N training steps", min=1)
-    groups: list[int] = opt([1, 2, 4, 8], "group sizes G to compare")
+class ValueOptions(Section):
+    probes: Int = opt(32, "probe prompts: the first N held-out prompts", ge=2)
+    mc_samples: Int = opt(64, "samples per probe prompt for its Monte Carlo value V(x) at each checkpoint", ge=2)
+    every: Int = opt(10, "a checkpoint (V(x) and every estimator's baseline) every N training steps", ge=1)
+    groups: list[Int] = opt([1, 2, 4, 8], "group sizes G to compare")
     kae_preset: str = opt("configs/kae.yaml", "the KAE preset measured: its algo.kae_* options, and its prompt "
                           "schedule (rollout.batch_prompts, data.sticky_steps) over the run's training pool")
     results_dir: str = opt("bench/results", "where value.md, value.png and summary.json are written")
 
 
-@dataclass
 class GradOptions(ValueOptions):
     """The value bench's probing, and so its options; the Monte Carlo samples also give, in two
     halves, the policy gradient the estimators aim at."""
 
-    mc_samples: int = opt(64, "samples per probe prompt for V(x) and (in two halves) the policy gradient at "
-                          "each checkpoint", min=4)
+    mc_samples: Int = opt(64, "samples per probe prompt for V(x) and (in two halves) the policy gradient at "
+                          "each checkpoint", ge=4)
     results_dir: str = opt("bench/results", "where grad.md, grad.png and summary.json are written")
 
 
-@dataclass
-class RolloutOptions:
-    batches: list[int] = opt([64, 256], "prompts per generate call, one measurement each")
-    new_tokens: int = opt(48, "tokens generated per prompt (EOS disabled, so every sampler makes exactly this many)",
-                          min=1)
-    rounds: int = opt(5, "alternating fastgen / Hugging Face rounds per batch size (median reported)", min=1)
-    matmul_size: int = opt(2048, "n of the n x n matmul timed for the machine's FLOP/s", min=16)
+class RolloutOptions(Section):
+    batches: list[Int] = opt([64, 256], "prompts per generate call, one measurement each")
+    new_tokens: Int = opt(48, "tokens generated per prompt (EOS disabled, so every sampler makes exactly this many)",
+                          ge=1)
+    rounds: Int = opt(5, "alternating fastgen / Hugging Face rounds per batch size (median reported)", ge=1)
+    matmul_size: Int = opt(2048, "n of the n x n matmul timed for the machine's FLOP/s", ge=16)
     results_dir: str = opt("bench/results", "where rollout.md, rollout.png and summary.json are written")
 
 
-@dataclass
-class TrainOptions:
+class TrainOptions(Section):
     runs: list[str] = opt(["grpo", "grpo_g8", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar", "dash",
                            "ppo"], "runs to make: presets of configs/ by name, and grpo_g8 (GRPO, 32 prompts x G=8)")
-    seeds: list[int] = opt([0, 1, 2, 3, 4], "seeds of every run")
-    samples: int = opt(38400, "sampled completions each run trains on (its steps: this / completions per step, "
-                       "a whole number for every run)", min=1)
-    eval_every_samples: int = opt(2560, "held-out accuracy read every N sampled completions, the same for every "
+    seeds: list[Int] = opt([0, 1, 2, 3, 4], "seeds of every run")
+    samples: Int = opt(38400, "sampled completions each run trains on (its steps: this / completions per step, "
+                       "a whole number for every run)", ge=1)
+    eval_every_samples: Int = opt(2560, "held-out accuracy read every N sampled completions, the same for every "
                                   "run (its eval_every: N / completions per step, a whole number for every run)",
-                                  min=1)
+                                  ge=1)
     target_run: str = opt("grpo_g8", "the run whose mean final accuracy sets the target accuracy")
-    target_frac: float = opt(0.9, "target = start + target_frac x (target_run's final accuracy - start)", gt=0, max=1)
+    target_frac: Float = opt(0.9, "target = start + target_frac x (target_run's final accuracy - start)", gt=0, le=1)
     configs_dir: str = opt("configs", "where the presets are (the repository's configs/)")
     results_dir: str = opt("bench/results", "where train.md, train.png and summary.json are written")
 
 
-@dataclass
-class BudgetOptions:
+class BudgetOptions(Section):
     tasks: list[str] = opt(["embedded", "gym-chain-sum"], "tasks: embedded (the built-in task) and gym-chain-sum "
                            "(configs/gym-chain-sum.yaml), each on a finite pool")
     runs: list[str] = opt(["uniform", "dynamic", "skip", "budget", "budget_cross"], "runs of every task: uniform "
                           "RLOO G=4 (the baseline, always run), dynamic (DAPO's dynamic sampling), skip, budget, "
                           "budget_cross (budget with the cross-prompt prior)")
-    seeds: list[int] = opt([0, 1, 2], "seeds of every run")
-    pool: int = opt(2048, "training prompts of every task (data.train_size or data.size)", min=64)
-    steps: int = opt(150, "training steps of every run (256 trained completions each)", min=1)
-    eval_every: int = opt(10, "held-out accuracy read every N steps", min=1)
-    target_frac: float = opt(0.95, "target = this x uniform's mean final accuracy", gt=0, max=1)
-    dash_samples: int = opt(38400, "DASH vs TRL's GRPOTrainer (embedded task, whole pool): sampled completions of "
-                            "each run (0 = leave this comparison out)", min=0)
-    dash_eval_every_samples: int = opt(2560, "DASH vs TRL: held-out accuracy read every N sampled completions",
-                                       min=1)
+    seeds: list[Int] = opt([0, 1, 2], "seeds of every run")
+    pool: Int = opt(2048, "training prompts of every task (data.train_size or data.size)", ge=64)
+    steps: Int = opt(150, "training steps of every run (256 trained completions each)", ge=1)
+    eval_every: Int = opt(10, "held-out accuracy read every N steps", ge=1)
+    target_frac: Float = opt(0.95, "target = this x uniform's mean final accuracy", gt=0, le=1)
+    dash_samples: Int = opt(38400, "DASH vs TRL's GRPOTrainer (embedded task, whole pool): sampled completions of "
+                            "each run (0 = leave this comparison out)", ge=0)
+    dash_eval_every_samples: Int = opt(2560, "DASH vs TRL: held-out accuracy read every N sampled completions",
+                                       ge=1)
     configs_dir: str = opt("configs", "where the tasks' configs are (the repository's configs/)")
     results_dir: str = opt("bench/results", "where budget.md, budget-TASK.png and summary.json are written")
 
 
-@dataclass
-class PeerOptions:
-    steps: int = opt(50, "training steps of every run, on both sides (so both sample steps x P x G completions)",
-                     min=2)
-    warmup: int = opt(2, "first steps of each run left out of its seconds per step", min=1)
-    rounds: int = opt(5, "rounds, each a frugalrl run then a TRL run, round i at seed + i on both sides (means with "
-                      "95 % intervals reported)", min=1)
+class PeerOptions(Section):
+    steps: Int = opt(50, "training steps of every run, on both sides (so both sample steps x P x G completions)",
+                     ge=2)
+    warmup: Int = opt(2, "first steps of each run left out of its seconds per step", ge=1)
+    rounds: Int = opt(5, "rounds, each a frugalrl run then a TRL run, round i at seed + i on both sides (means with "
+                      "95 % intervals reported)", ge=1)
     results_dir: str = opt("bench/results", "where peer.md, peer.png and summary.json are written")
 
 
-@dataclass
-class WarmupOptions:
-    seeds: list[int] = opt([0, 1, 2, 3, 4], "seeds of the embedded model's warm-up (its initial weights, its data "
+class WarmupOptions(Section):
+    seeds: list[Int] = opt([0, 1, 2, 3, 4], "seeds of the embedded model's warm-up (its initial weights, its data "
                            "split and its batches)")
-    pools: list[int] = opt([20000, 2048], "training pool sizes (data.train_size), each warmed up for every seed")
+    pools: list[Int] = opt([20000, 2048], "training pool sizes (data.train_size), each warmed up for every seed")
     results_dir: str = opt("bench/results", "where warmup.md, warmup.png and summary.json are written")
 
 
-@dataclass
-class ScaleOptions:
-    processes: int = opt(2, "torchrun processes of each run (rollout.batch_prompts must split over them)", min=2)
-    rounds: int = opt(1, "rounds, each a ddp run then an fsdp run (median reported)", min=1)
-    hidden_size: int = opt(1024, "the bench's random Llama (unless model.name_or_path): hidden size", min=8)
-    layers: int = opt(24, "the bench's random Llama: decoder layers", min=1)
-    intermediate_size: int = opt(2816, "the bench's random Llama: MLP width", min=8)
-    heads: int = opt(16, "the bench's random Llama: attention heads (hidden_size must be a multiple)", min=1)
+class ScaleOptions(Section):
+    processes: Int = opt(2, "torchrun processes of each run (rollout.batch_prompts must split over them)", ge=2)
+    rounds: Int = opt(1, "rounds, each a ddp run then an fsdp run (median reported)", ge=1)
+    hidden_size: Int = opt(1024, "the bench's random Llama (unless model.name_or_path): hidden size", ge=8)
+    layers: Int = opt(24, "the bench's random Llama: decoder layers", ge=1)
+    intermediate_size: Int = opt(2816, "the bench's random Llama: MLP width", ge=8)
+    heads: Int = opt(16, "the bench's random Llama: attention heads (hidden_size must be a multiple)", ge=1)
     results_dir: str = opt("bench/results", "where scale.md and summary.json are written")
 
 

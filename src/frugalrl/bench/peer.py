@@ -56,7 +56,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from importlib.metadata import version
 from pathlib import Path
@@ -249,7 +249,7 @@ def _run(side: str, cfg: Config, run_dir: Path, warmup: int, task: Task) -> Run:
     """Train ``side`` in a process of its own into ``run_dir``, then evaluate its final model."""
     shutil.rmtree(run_dir, ignore_errors=True)  # nothing of an earlier bench run mixes in
     run_dir.mkdir(parents=True)
-    cfg = replace(cfg, output_dir=str(run_dir))
+    cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
     save_config(cfg, run_dir / "peer-config.yaml")
     result = run_dir / "peer-result.json"
     _, rss = run_child("frugalrl.bench.peer", [side, str(run_dir / "peer-config.yaml"), str(result)],
@@ -258,7 +258,8 @@ def _run(side: str, cfg: Config, run_dir: Path, warmup: int, task: Task) -> Run:
     t = record.step_end_s
     if len(t) != cfg.max_steps:
         raise RuntimeError(f"the {side} run in {run_dir} made {len(t)} steps instead of {cfg.max_steps}")
-    model, tokenizer = load_policy(replace(cfg, model=replace(cfg.model, name_or_path=str(run_dir / "model"))))
+    model_cfg = cfg.model.model_copy(update={"name_or_path": str(run_dir / "model")})
+    model, tokenizer = load_policy(cfg.model_copy(update={"model": model_cfg}))
     accuracy = evaluate(model, tokenizer, task.eval_rows, task.reward_fn,
                         max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
     return Run(cfg.seed, (t[-1] - t[warmup - 1]) / (len(t) - warmup), rss, record.completions, accuracy,
@@ -309,7 +310,7 @@ def run(cfg: Config, opts: PeerOptions, command: str, console: Console) -> dict:
         raise ValueError("bench peer needs TRL: pip install 'frugalrl[bench]'")
     if opts.steps <= opts.warmup:
         raise ValueError(f"bench.steps={opts.steps} leaves no step after bench.warmup={opts.warmup}; raise it")
-    cfg = replace(cfg, max_steps=opts.steps)
+    cfg = cfg.model_copy(update={"max_steps": opts.steps})
     trl_loss(cfg)  # refuses what TRL cannot run, before any work
     set_seed(cfg.seed)
     task, model, tokenizer, _ = load_inputs(cfg, console)  # builds the embedded model when it is not cached
@@ -319,13 +320,14 @@ def run(cfg: Config, opts: PeerOptions, command: str, console: Console) -> dict:
     del model
     # both sides load this very directory; every round trains on the split that `start` and each
     # run's accuracy are read on, whatever its seed
-    cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(resolve_model_path(cfg).resolve())),
-                  data=replace(cfg.data, seed=data_seed(cfg)))
+    cfg = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"name_or_path": str(resolve_model_path(cfg).resolve())}),
+        "data": cfg.data.model_copy(update={"seed": data_seed(cfg)})})
     runs: dict[str, list[Run]] = {side: [] for side in SIDES}
     for round_ in range(opts.rounds):
         for side, name in SIDES.items():
-            r = _run(side, replace(cfg, seed=cfg.seed + round_), Path(cfg.output_dir) / f"{side}-{round_ + 1}",
-                     opts.warmup, task)
+            r = _run(side, cfg.model_copy(update={"seed": cfg.seed + round_}),
+                     Path(cfg.output_dir) / f"{side}-{round_ + 1}", opts.warmup, task)
             runs[side].append(r)
             console.print(f"peer bench, round {round_ + 1}/{opts.rounds} (seed {r.seed}): {name}: "
                           f"{r.s_per_step:.3f} s/step, peak RSS {r.peak_rss_mb:.0f} MB, "

@@ -33,7 +33,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -124,7 +123,7 @@ def run(cfg: Config, opts: ScaleOptions, command: str, console: Console) -> dict
     work.mkdir(parents=True, exist_ok=True)
     if not cfg.model.name_or_path:
         model_dir = build_model(opts, work / f"model-{opts.hidden_size}x{opts.layers}-{opts.intermediate_size}")
-        cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(model_dir)))
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(model_dir)})})
     config_file = work / "scale-config.yaml"
     save_config(cfg, config_file)
     parameters, weights_mb = _size(cfg)

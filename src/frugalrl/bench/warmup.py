@@ -11,7 +11,6 @@ then find it, and reports the steps it took, its wall time
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ def run(cfg: Config, opts: WarmupOptions, command: str, console: Console) -> dic
     results = []
     for pool in opts.pools:
         for seed in opts.seeds:
-            run_cfg = replace(cfg, seed=seed, data=replace(cfg.data, train_size=pool))
+            run_cfg = cfg.model_copy(update={"seed": seed, "data": cfg.data.model_copy(update={"train_size": pool})})
             console.print(f"warm-up: pool {pool}, seed {seed}")
             info = build_embedded_sft(run_cfg, embedded_sft_path(run_cfg), console)
             results.append({"pool": pool, "seed": seed, **info})
