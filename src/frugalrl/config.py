@@ -199,11 +199,11 @@ class FieldSpec(collections.namedtuple("FieldSpec", "key type default help choic
     type_name = property(lambda s: re.sub(r"<class '(\w+)'>|typing\.|Annotated\[(\w+),[^]]*]", r"\1\2", str(s.type)))
     def range_text(self) -> str:  # the bounds in words (">= 1", "> 0 and <= 1"), or ""
         bounds = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
-        return " and ".join(f"{op} {_fmt(bound)}" for op, bound in bounds if bound is not None)
+        return " and ".join(f"{op} {format_value(bound)}" for op, bound in bounds if bound is not None)
     def describe(self) -> str:  # one help line: `key (type, default X) help [choices: a|b] [range: >= 1]`
-        allowed = f" [choices: {'|'.join(map(_fmt, self.choices))}]" if self.choices else ""
+        allowed = f" [choices: {'|'.join(map(format_value, self.choices))}]" if self.choices else ""
         allowed += f" [range: {self.range_text()}]" if self.range_text() else ""
-        return f"{self.key} ({self.type_name}, default {_fmt(self.default)}) {self.help}{allowed}"
+        return f"{self.key} ({self.type_name}, default {format_value(self.default)}) {self.help}{allowed}"
 
 def field_specs(cls=None, prefix: str = "") -> list[FieldSpec]:
     """Every option of the model tree `cls` (default `Config`), flattened to dotted keys, in declaration order."""
@@ -218,7 +218,7 @@ def field_specs(cls=None, prefix: str = "") -> list[FieldSpec]:
             out.append(FieldSpec(prefix + name, tp, f.default, f.description, choices, **bounds))
     return out
 
-def _fmt(value) -> str:  # a value as one would type it: text as is where YAML reads it back so, else JSON
+def format_value(value) -> str:  # a value as one would type it: text as is where YAML reads it back so, else JSON
     with contextlib.suppress(Exception):
         if isinstance(value, str) and value.strip() == value != "" and yaml.safe_load(value) == value:
             return value
@@ -277,7 +277,7 @@ def _bad_value(error: dict, specs: dict, origin: dict, default_where: str) -> Co
     close = difflib.get_close_matches(str(value), list(map(str, spec.choices or ())), n=1)
     hint = {"dict_type": "; write a YAML mapping such as {a: 1}", "string_type": "; put it in quotes to mean the text"}
     hint = f"; did you mean {close[0]!r}?" if close else hint.get(error["type"], "")
-    given = repr(value) if isinstance(value, str) else _fmt(value)  # 'text' in quotes, other values as YAML has them
+    given = repr(value) if isinstance(value, str) else format_value(value)  # 'text' in quotes, other values as YAML has them
     where += f": bad value for '{loc if get_origin(spec.type) in (list, tuple, dict) else key}'"  # a list item: its loc
     return ConfigError(f"{where} (expected {spec.type_name}{' ' * bool(spec.range_text())}{spec.range_text()}), got "
                        f"{given}: {error['msg'].removeprefix('Value error, ')}{hint}")
