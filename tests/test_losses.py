@@ -172,17 +172,133 @@ def test_policy_loss_asymmetric_clip_and_token_advantages():
 
 
 # ------------------------------------------------------------------------------- kl, astar
+# The KL terms against exact expectations, not against their own formulas: a policy over 5
+# outcomes (a 5-way softmax: each outcome a one-token completion) and one over the 9 sequences of
+# 2 tokens from 3, where every expectation over samples is a finite sum. float64 throughout.
+
+def five_way():
+    """(logits theta (5,) with grad, the reference's log-probs (5,)), distinct enough to tell KL
+    directions apart."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(5, generator=g, dtype=torch.float64).requires_grad_(),
+            torch.randn(5, generator=g, dtype=torch.float64).log_softmax(-1))
 
 
-def test_kl_penalty_by_hand():
-    lp = torch.log(torch.tensor([[0.5, 0.3]]))
-    ref = torch.log(torch.tensor([[0.25, 0.3]]))
-    # k1 = log(0.5 / 0.25) = log 2; equal probabilities -> 0
-    close(kl_penalty(lp, ref, "k1"), [[math.log(2), 0.0]])
-    # k3 = exp(ref - lp) - (ref - lp) - 1 = 0.5 - log(0.5) - 1 = 0.193147
-    close(kl_penalty(lp, ref, "k3"), [[0.5 + math.log(2) - 1, 0.0]])
-    with pytest.raises(ValueError, match="k1"):
-        kl_penalty(lp, ref, "k2")
+def two_tokens():
+    """An autoregressive policy over 2 tokens from 3: parameters [theta_1 (3,), theta_2 (3, 3)] (the
+    second token's logits given the first), the token log-probs of all 9 sequences (9, 2) under it
+    and under a fixed reference, and each sequence's first token (9,)."""
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.randn(3, 3, generator=g, dtype=torch.float64).requires_grad_()]
+    ref_first, ref_second = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(3,), (3, 3)])
+    first, second = torch.arange(9) // 3, torch.arange(9) % 3
+
+    def token_logprobs(t1, t2):
+        return torch.stack([t1.log_softmax(-1)[first], t2.log_softmax(-1)[first, second]], -1)
+
+    return params, token_logprobs(*params), token_logprobs(ref_first, ref_second).detach(), first
+
+
+def kl(logp, logq):
+    """KL(p || q) of two distributions given as log-probs over the same outcomes, exactly."""
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def expected(values, seq_logprobs):
+    """E_{y ~ pi}[values(y)] with the samples held fixed: sum_y pi(y) values(y), pi(y) a constant
+    (what a loss on sampled y averages to; its gradient is then the expected gradient)."""
+    return (seq_logprobs.detach().exp() * values).sum()
+
+
+def grad(scalar, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(scalar, params, retain_graph=True)])
+
+
+@pytest.mark.parametrize("kind", ["k2", "k3"])
+def test_kl_loss_gradient_is_the_exact_gradient_of_its_divergence(kind):
+    """k2 as a loss descends KL(pi || pi_ref), the divergence the RL objective penalises; GRPO's k3
+    descends KL(pi_ref || pi), the other direction."""
+    theta, ref = five_way()
+    logp = theta.log_softmax(-1)
+    loss = expected(kl_penalty(logp[:, None], ref[:, None], kind)[:, 0], logp)
+    forward, reverse = grad(kl(logp, ref), [theta]), grad(kl(ref, logp), [theta])
+    assert (forward - reverse).abs().max() > 0.05  # so that matching one is not matching both
+    close(grad(loss, [theta]), forward if kind == "k2" else reverse, atol=1e-12)
+
+
+def test_kl_values_k3_is_unbiased_k2_is_not():
+    """``kl_ref`` reports k3's value: its expectation is KL(pi || pi_ref) exactly; k2's is not."""
+    theta, ref = five_way()
+    logp = theta.log_softmax(-1).detach()
+    exact = kl(logp, ref)
+    close(expected(kl_penalty(logp[:, None], ref[:, None], "k3")[:, 0], logp), exact, atol=1e-12)
+    assert abs(expected(kl_penalty(logp[:, None], ref[:, None], "k2")[:, 0], logp) - exact) > 0.05
+
+
+def test_k1_is_no_loss():
+    """k1 = log(pi / pi_ref) as a loss has expected gradient 0 (noise only): kl_penalty refuses it and
+    points to the reward."""
+    theta, ref = five_way()
+    logp = theta.log_softmax(-1)
+    close(grad(expected(logp - ref, logp), [theta]), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError, match="kl_reward"):
+        kl_penalty(logp[:, None], ref[:, None], "k1")
+
+
+def _kl_reward_loss(token_logprobs, ref_logprobs, seq_logprobs, coef, *overrides):
+    """The policy loss of ``algo.kl_estimator=k1_reward`` over every outcome at once, each weighted
+    by its probability (rows of ``token_logprobs``: the outcomes; task rewards and advantages 0),
+    as the Learner drives the term: the KL reward after the no-grad pass, then one on-policy step.
+    Under PPO the critic predicts 0 everywhere, and its value loss does not reach the policy."""
+    from frugalrl.losses import LossInputs, TokenOutputs
+
+    term = _terms(f"algo.kl_coef={coef}", "algo.kl_estimator=k1_reward", *overrides)[0]
+    n, width = token_logprobs.shape
+    mask = torch.ones_like(token_logprobs)
+    inputs = LossInputs(torch.zeros(n, dtype=torch.float64), old_logprobs=token_logprobs.detach(),
+                        ref_logprobs=ref_logprobs)
+    term.begin(inputs, mask)
+    term.finish(inputs, torch.zeros(n, dtype=torch.float64), mask)
+    # advantages times n pi(y): the loss's mean over the n outcomes becomes the expectation under pi
+    inputs.advantages = inputs.advantages * n * seq_logprobs.detach().exp()[:, None]
+    inputs.old_logprobs = None
+    out = TokenOutputs(token_logprobs, hidden=torch.zeros(n, width, 4))
+    return term(out, mask, inputs, LossNorm.from_mask(mask, "seq-mean-token-sum"))
+
+
+def test_kl_reward_gradient_is_the_exact_gradient_of_kl_one_token():
+    theta, ref = five_way()
+    logp = theta.log_softmax(-1)
+    loss, metrics = _kl_reward_loss(logp[:, None], ref[:, None], logp, 0.5)
+    close(grad(loss, [theta]), 0.5 * grad(kl(logp, ref), [theta]), atol=1e-12)
+    assert "kl_ref" in metrics
+
+
+@pytest.mark.parametrize("loss", ["pg", "ppo"])
+def test_kl_reward_gradient_is_the_exact_gradient_of_the_sequence_kl(loss):
+    """Over whole sequences, the KL reward's returns to go (pg), or GAE over token rewards that hold
+    it (ppo, here with gamma = lambda = 1), give the gradient of the sequences' KL, including what
+    flows through which prefixes are drawn."""
+    params, lp, ref, _ = two_tokens()
+    seq = lp.sum(-1)
+    loss, _ = _kl_reward_loss(lp, ref, seq, 0.5, *(PPO if loss == "ppo" else []))
+    close(grad(loss, params), 0.5 * grad(kl(seq, ref.sum(-1)), params), atol=1e-12)
+
+
+def test_kl_loss_on_sequences_follows_each_position_with_its_prefix_held_fixed():
+    """k2 per token gives, summed over positions, the gradient of each position's KL with the
+    distribution of its prefixes held fixed: not the whole sequences' KL gradient (which
+    ``k1_reward`` gives, above)."""
+    params, lp, ref, first = two_tokens()
+    seq = lp.sum(-1)
+    k2 = expected(kl_penalty(lp, ref, "k2").sum(-1), seq)
+    # position 1: one distribution; position 2: one per first token, weighted by its probability
+    p1, r1 = lp[::3, 0], ref[::3, 0]
+    per_position = kl(p1, r1) + sum(p1[a].detach().exp() * kl(lp[first == a, 1], ref[first == a, 1])
+                                    for a in range(3))
+    close(grad(k2, params), grad(per_position, params), atol=1e-12)
+    assert (grad(k2, params) - grad(kl(seq, ref.sum(-1)), params)).abs().max() > 0.05
 
 
 def test_astar_loss_value_and_gradient_by_hand():
@@ -246,6 +362,9 @@ def test_value_loss_clip_by_hand():
 
 # ------------------------------------------------------------------------------- the loss registry
 
+PPO = ["algo.loss=ppo", "algo.estimator=reinforce", "algo.reinforce_baseline=none"]  # as configs/ppo.yaml
+
+
 def _terms(*overrides):
     from types import SimpleNamespace
 
@@ -268,7 +387,8 @@ def test_every_configurable_loss_is_registered():
     ([], ["PolicyGradient"]),
     (["algo.estimator=astar", "rollout.temperature=1"], ["AStarRegression"]),  # auto: A*-PO's own loss
     (["algo.estimator=astar", "rollout.temperature=1", "algo.loss=pg"], ["PolicyGradient"]),
-    (["algo.loss=ppo", "algo.kl_coef=0.1", "algo.entropy_coef=0.01"], ["PPO", "KLPenalty", "EntropyBonus"]),
+    ([*PPO, "algo.kl_coef=0.1", "algo.entropy_coef=0.01"], ["PPO", "KLPenalty", "EntropyBonus"]),
+    ([*PPO, "algo.kl_coef=0.1", "algo.kl_estimator=k1_reward"], ["PPO"]),  # the KL in the reward: no loss term
 ])
 def test_build_terms_by_name(overrides, names):
     assert [type(t).__name__ for t in _terms(*overrides)] == names
@@ -282,9 +402,14 @@ def test_terms_declare_what_the_update_computes():
     assert off.metric_names == ("loss", "pg_clipfrac", "ppo_kl")
     astar, = _terms("algo.estimator=astar", "rollout.temperature=1")
     assert astar.needs_reference and not astar.zero_advantage_no_gradient
-    ppo, kl = _terms("algo.loss=ppo", "algo.kl_coef=0.1")
+    ppo, kl = _terms(*PPO, "algo.kl_coef=0.1")
     assert ppo.needs_hidden and not ppo.filterable and "value_loss" in ppo.metric_names
     assert kl.needs_reference and kl.metric_names == ("loss", "kl_ref")
+    assert not pg.needs_old_logprobs and off.needs_old_logprobs  # on-policy, the ratio needs none
+    # the KL reward reads the sampler's and the reference's log-probs on-policy too, and A = 0 samples carry it
+    in_reward, = _terms("algo.kl_coef=0.1", "algo.kl_estimator=k1_reward")
+    assert in_reward.needs_old_logprobs and in_reward.needs_reference and not in_reward.zero_advantage_no_gradient
+    assert in_reward.metric_names == ("loss", "kl_ref")
     assert set(ppo.state_dict()) == {"critic", "critic_optimizer"} and pg.state_dict() == {}
 
 
@@ -303,10 +428,12 @@ def test_kl_and_entropy_terms_add_up_to_their_formulas():
     lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     ent, mask = torch.tensor([[0.5, 0.25]]), torch.ones(1, 2)
     norm = LossNorm.from_mask(mask, "token-mean")
-    _, kl, bonus = _terms("algo.kl_coef=0.1", "algo.entropy_coef=0.01", "algo.kl_estimator=k1")
+    _, kl, bonus = _terms("algo.kl_coef=0.1", "algo.entropy_coef=0.01")
     out, inputs = SimpleNamespace(logprobs=lp, entropy=ent), LossInputs(torch.zeros(1), ref_logprobs=ref)
     kl_loss, kl_metrics = kl(out, mask, inputs, norm)
-    assert float(kl_loss) == pytest.approx(0.1 * (0.5 - 1.0) / 2) and kl_metrics["kl_ref"] == pytest.approx(-0.25)
+    # log(pi / pi_ref) = 0.5, -1: the loss is k2's token mean, the metric k3's (whichever loss trains)
+    assert float(kl_loss) == pytest.approx(0.1 * (0.5 ** 2 + 1.0 ** 2) / 2 / 2)
+    assert kl_metrics["kl_ref"] == pytest.approx((math.exp(-0.5) + 0.5 - 1 + math.exp(1.0) - 1.0 - 1) / 2)
     ent_loss, ent_metrics = bonus(out, mask, inputs, norm)
     assert float(ent_loss) == pytest.approx(-0.01 * 0.375) and ent_metrics["entropy"] == pytest.approx(0.375)
 

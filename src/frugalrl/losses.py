@@ -39,18 +39,19 @@ from frugalrl.critic import ValueHead, outcome_token_rewards
 
 if TYPE_CHECKING:
     from frugalrl.config import Config
-    from frugalrl.rollout import TokenOutputs
 
 __all__ = [
     "AGG_MODES",
     "LossInputs",
     "LossNorm",
     "LossTerm",
+    "TokenOutputs",
     "aggregate",
     "astar_loss",
     "build_terms",
     "gae",
     "kl_penalty",
+    "kl_reward",
     "list_losses",
     "policy_loss",
     "register_loss",
@@ -180,20 +181,43 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     return loss, metrics
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
-    """(n, t) per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1 / k3).
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k2") -> Tensor:
+    """(n, t) per-token KL loss against the reference, on tokens sampled from pi (Schulman's k2, k3).
 
-    k1 = log pi - log pi_ref: unbiased, high variance, can be negative.
-    k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1: unbiased, low variance, >= 0.
-    Aggregate it with ``aggregate`` and add ``coef * kl`` to the loss. The reference is
-    treated as constant.
+    With r = pi_ref / pi at the sampled token, the reference held constant:
+
+    k2 = (log r)^2 / 2. Its gradient, -log r * grad log pi, has expectation grad KL(pi || pi_ref):
+        the penalty the RL objective means. As a value it is biased (it is second order in log r).
+    k3 = r - 1 - log r (GRPO's). As a value an unbiased, >= 0 estimate of KL(pi || pi_ref), but its
+        gradient, (1 - r) grad log pi, has expectation grad KL(pi_ref || pi): the other direction is
+        what it optimises. Near pi_ref the two divergences agree to second order; they part as pi
+        moves away (KL(pi_ref || pi) punishes pi for dropping what pi_ref samples, not for adding).
+
+    Expectations are per position, over the token drawn there with its prefix held fixed: a
+    sequence's KL also changes through which prefixes are drawn, which only a reward sees
+    (``kl_reward``). k1 = -log r is no loss: its gradient, grad log pi, has expectation 0.
+    Aggregate it with ``aggregate`` and add ``coef`` times that to the loss.
     """
-    log_ratio = _log_ratio(logprobs, ref_logprobs.detach())
-    if kind == "k1":
-        return log_ratio
+    log_ratio = _log_ratio(logprobs, ref_logprobs.detach())  # log pi - log pi_ref = -log r
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
     if kind == "k3":
         return torch.exp(-log_ratio) + log_ratio - 1
-    raise ValueError(f"unknown KL estimator {kind!r}; choose 'k1' or 'k3'")
+    raise ValueError(f"unknown KL loss {kind!r}; choose 'k2' or 'k3' (k1 belongs in the reward: kl_reward)")
+
+
+@torch.no_grad()
+def kl_reward(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, coef: float) -> Tensor:
+    """(N, T) per-token reward -coef * k1 = -coef * log(pi / pi_ref), 0 where masked: the KL penalty
+    in the reward, where PPO-RLHF puts it (Ziegler et al. 2019, arXiv 1909.08593).
+
+    logprobs: (N, T) token log-probs of the policy that sampled the tokens; ref_logprobs: (N, T) the
+    reference's. In the reward the policy gradient does the differentiating: with the returns to
+    go R_t = sum_{s >= t} of these rewards, E[sum_t R_t grad log pi(y_t)] = -coef grad KL(pi || pi_ref)
+    of whole sequences, including the part that flows through which prefixes are drawn, which the
+    per-token losses of ``kl_penalty`` miss. A constant.
+    """
+    return torch.where(mask.bool(), -coef * _log_ratio(logprobs, ref_logprobs), 0.0)
 
 
 def astar_loss(seq_logprobs: Tensor, ref_seq_logprobs: Tensor, advantages: Tensor,
@@ -273,6 +297,22 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
+class TokenOutputs:
+    """A training forward pass over N completions (``rollout.forward_completions`` makes it); (N, T)
+    tensors, 0 where masked. With ``LossInputs``, all a loss term reads.
+
+    logprobs: log pi(y_t | x, y_<t) of each completion token, at the sampling temperature.
+    entropy: entropy (nats) of that tempered next-token distribution; None unless asked for.
+    hidden: (N, T, H) last-layer hidden state that token t was predicted from, i.e. the state
+        s_t before the token (a critic reads V(s_t) off it); None unless asked for.
+    """
+
+    logprobs: Tensor
+    entropy: Tensor | None = None
+    hidden: Tensor | None = None
+
+
+@dataclass
 class LossInputs:
     """What an update holds fixed, for N sequences and T completion positions.
 
@@ -303,7 +343,8 @@ class LossTerm:
 
     The class attributes say what the update must compute for the term:
 
-    needs_old_logprobs: the sampling policy's log-probs, for the ratio of off-policy steps.
+    needs_old_logprobs: the sampling policy's log-probs, a no-grad pass each update: set it only
+        where they are used (the ratio of off-policy steps; a reward read off them, ``kl_reward``).
     needs_reference: the frozen reference policy's log-probs.
     needs_entropy, needs_hidden: the token entropy / the last hidden states from each forward pass.
     zero_advantage_no_gradient: a sample with A = 0 adds nothing to the gradient, so gradient
@@ -384,19 +425,40 @@ class PolicyGradient(LossTerm):
 
     With one optimizer step per rollout batch the ratio is 1 and this is plain REINFORCE-style
     policy gradient; its clip fraction and KL to the sampler are then 0 and not reported.
+    ``algo.kl_estimator=k1_reward`` puts the KL penalty in the reward (``kl_reward``): after the
+    no-grad pass each token's advantage becomes the estimator's plus the KL reward still to come
+    in its sequence (a GAE with a zero critic), so the advantages are per token from then on.
     """
 
-    needs_old_logprobs = True
     zero_advantage_no_gradient = True
 
     def __init__(self, cfg: Config, model=None):
         self.clip = (cfg.algo.clip_low, cfg.algo.clip_high)
         self.off_policy = cfg.train.ppo_epochs * cfg.train.mini_batches > 1
-        self.metric_names = ("loss", "pg_clipfrac", "ppo_kl") if self.off_policy else ("loss",)
+        self.kl_coef = cfg.algo.kl_coef if cfg.algo.kl_estimator == "k1_reward" else 0.0
+        self.needs_old_logprobs = self.off_policy or self.kl_coef > 0
+        self.needs_reference = self.kl_coef > 0
+        self.zero_advantage_no_gradient = not self.kl_coef  # the KL reward pulls on samples of advantage 0 too
+        self.metric_names = (("loss", "pg_clipfrac", "ppo_kl") if self.off_policy else ("loss",)) + (
+            ("kl_ref",) if self.needs_reference else ())
+
+    def kl_rewards(self, inputs: LossInputs, mask: Tensor) -> Tensor:
+        """(N, T) the KL penalty of each sampled token as a reward (``kl_reward``)."""
+        return kl_reward(inputs.old_logprobs, inputs.ref_logprobs, mask, self.kl_coef)
+
+    def finish(self, inputs, rewards, mask):
+        if self.kl_coef:
+            kl = self.kl_rewards(inputs, mask)
+            to_go, _ = gae(kl, torch.zeros_like(kl), mask)
+            inputs.advantages = inputs.advantages.unsqueeze(-1) + to_go
+        return {}
 
     def __call__(self, out, mask, inputs, norm):
         loss, metrics = policy_loss(out.logprobs, inputs.old_logprobs, inputs.advantages, mask, norm, *self.clip)
-        return loss, {"loss": loss.item(), **(metrics if self.off_policy else {})}
+        metrics = {"loss": loss.item(), **(metrics if self.off_policy else {})}
+        if self.kl_coef:
+            metrics["kl_ref"] = _kl_metric(out, mask, inputs, norm)
+        return loss, metrics
 
 
 @register_loss("astar")
@@ -446,8 +508,10 @@ class PPO(PolicyGradient):
         inputs.old_values[index, :mask.shape[1]] = torch.where(mask.bool(), self.critic(out.hidden), 0.0)
 
     def finish(self, inputs, rewards, mask):
-        inputs.advantages, inputs.returns = gae(outcome_token_rewards(rewards, mask), inputs.old_values, mask,
-                                                self.gamma, self.lam)
+        token_rewards = outcome_token_rewards(rewards, mask)
+        if self.kl_coef:  # PPO-RLHF: the critic learns the returns with the KL penalty in them
+            token_rewards = token_rewards + self.kl_rewards(inputs, mask)
+        inputs.advantages, inputs.returns = gae(token_rewards, inputs.old_values, mask, self.gamma, self.lam)
         return {"value_mean": inputs.old_values[:, 0].sum().item()}  # V(s_0): the critic's value of the prompts
 
     def __call__(self, out, mask, inputs, norm):
@@ -466,8 +530,14 @@ class PPO(PolicyGradient):
         self.optimizer.load_state_dict(state["critic_optimizer"])
 
 
+def _kl_metric(out: TokenOutputs, mask: Tensor, inputs: LossInputs, norm: LossNorm) -> float:
+    """``kl_ref``: KL(pi || pi_ref) per token, k3's unbiased value whichever term trains with it."""
+    return _token_mean(kl_penalty(out.logprobs, inputs.ref_logprobs, "k3"), mask, norm)
+
+
 class KLPenalty(LossTerm):
-    """``algo.kl_coef`` x KL(pi || pi_ref) per token (``kl_penalty``), aggregated like the loss."""
+    """``algo.kl_coef`` x the per-token KL loss ``algo.kl_estimator`` (k2 or k3, ``kl_penalty``),
+    aggregated like the loss."""
 
     needs_reference = True
     metric_names = ("loss", "kl_ref")
@@ -476,9 +546,8 @@ class KLPenalty(LossTerm):
         self.coef, self.estimator = cfg.algo.kl_coef, cfg.algo.kl_estimator
 
     def __call__(self, out, mask, inputs, norm):
-        kl = kl_penalty(out.logprobs, inputs.ref_logprobs, self.estimator)
-        term = self.coef * aggregate(kl, mask, norm)
-        return term, {"loss": term.item(), "kl_ref": _token_mean(kl, mask, norm)}
+        term = self.coef * aggregate(kl_penalty(out.logprobs, inputs.ref_logprobs, self.estimator), mask, norm)
+        return term, {"loss": term.item(), "kl_ref": _kl_metric(out, mask, inputs, norm)}
 
 
 class EntropyBonus(LossTerm):
@@ -497,15 +566,14 @@ class EntropyBonus(LossTerm):
 
 def build_terms(cfg: Config, model) -> list[LossTerm]:
     """The terms of ``cfg``'s loss: the policy loss ``algo.loss`` (``auto``: astar under
-    algo.estimator=astar, else pg), then the KL penalty and the entropy bonus where their
-    coefficients are > 0. ``model``: the policy (PPO sizes its critic from it)."""
-    name = cfg.algo.loss
-    if name == "auto":
-        name = "astar" if cfg.algo.estimator == "astar" else "pg"
+    algo.estimator=astar, else pg), then the KL penalty (as a loss; ``k1_reward`` is the policy
+    gradient's) and the entropy bonus where their coefficients are > 0. ``model``: the policy (PPO
+    sizes its critic from it)."""
+    name = cfg.algo.policy_loss
     if name not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {list_losses()}")
     terms = [_LOSSES[name](cfg, model)]
-    if cfg.algo.kl_coef > 0:
+    if cfg.algo.kl_coef > 0 and cfg.algo.kl_estimator != "k1_reward":
         terms.append(KLPenalty(cfg))
     if cfg.algo.entropy_coef > 0:
         terms.append(EntropyBonus(cfg))

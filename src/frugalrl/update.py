@@ -8,15 +8,15 @@ does not depend on the micro-batch size. One ``Learner.update``:
 
 1. picks the samples that get a forward pass (DASH gradient filtering, *before* the pass);
 2. when needed, makes one no-grad pass over them for the constants of the update: the
-   sampling policy's log-probs (off-policy updates), the reference's, and whatever a term
-   derives from the pass (PPO: the critic's values, and from them GAE advantages);
+   sampling policy's log-probs (off-policy updates, the KL reward), the reference's, and whatever
+   a term derives from the pass (PPO: the critic's values, and from them GAE advantages);
 3. makes ``train.ppo_epochs`` passes over the batch, each split into ``train.mini_batches``
    optimizer steps, each accumulated over micro-batches of ``train.micro_batch`` sequences. A
    step's loss normaliser comes from its whole mini-batch, dropped samples included, never from
    a micro-batch (see ``losses.py``).
 
 With one epoch and one mini-batch (the default) the update is on-policy: the PPO ratio is 1,
-the clip never acts, and no old log-probs are computed (the reported loss is then ~0 by
+the clip never acts, and no old log-probs are computed for it (the reported loss is then ~0 by
 construction; watch the reward). More than one optimizer step per batch is PPO proper: every
 step after the first is off-policy and the clip bounds it, as DASH does.
 """
@@ -90,8 +90,7 @@ class Learner:
         self.terms = build_terms(cfg, model)
         self.loss = self.terms[0]
         self.reference = reference_policy(model) if self._any("needs_reference") else None
-        self.off_policy = optimizer_steps(cfg) > 1
-        self.need_old = self.off_policy and self._any("needs_old_logprobs")
+        self.need_old = self._any("needs_old_logprobs")
         # what ``_loss`` reports, fixed up front: ranks sum them even when one had no sample
         self.metric_names = list(dict.fromkeys(name for term in self.terms for name in term.metric_names))
 
