@@ -99,16 +99,25 @@ def test_schedule_visits_prompts_come_back_an_epoch_later():
     assert len(steps) == 3 and steps[0] in (1, 2) and steps[1] in (3, 4) and steps[2] == 5
 
 
-def test_kae_measured_as_its_preset_trains_on_bernoulli_rewards():
+def _kae_preset_without_prior(tmp_path):
+    """configs/kae.yaml with algo.kae_prior=none: KAE's own kernel arithmetic."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "kae.yaml").read_text()
+    assert "kae_prior: population" in text
+    path = tmp_path / "kae-no-prior.yaml"
+    path.write_text(text.replace("kae_prior: population", "kae_prior: none"))
+    return str(path)
+
+
+def test_kae_measured_as_its_preset_trains_on_bernoulli_rewards(tmp_path):
     """Rewards Bernoulli(1/4) (sigma^2 = 3/16) for every probe at every step, KAE as configs/kae.yaml
-    trains (G = 2, batches kept 4 steps, triangular window of 10 steps). A baseline that weighs
+    trains without its prior (G = 2, batches kept 4 steps, triangular window of 10 steps). A baseline that weighs
     rewards w_j has MSE sigma^2 sum w^2 / (sum w)^2: the group mean's is sigma^2 / 2; KAE's, with
     the other sample (w = 1) and 0 to 3 earlier steps of 2 rewards each (w = 0.9, 0.8, 0.7), in
     equal shares, sigma^2 (1 + 2.62/7.84 + 3.9/19.36 + 4.88/33.64) / 4 = 0.420 sigma^2: a ratio of
     0.840; every probe at every step (lags 1 to 9 at checkpoints from step 10: sum w = 10,
     sum w^2 = 6.7), 0.067 sigma^2: 0.134."""
-    from pathlib import Path
-
     import torch
 
     from frugalrl.bench.options import ValueOptions
@@ -117,8 +126,8 @@ def test_kae_measured_as_its_preset_trains_on_bernoulli_rewards():
 
     sigma2, P = 3 / 16, 128
     rows = [{"id": f"p{p}", "prompt": "", "answer": ""} for p in range(P)]
-    opts = ValueOptions(probes=P, mc_samples=16, every=10, groups=[2],
-                        kae_preset=str(Path(__file__).resolve().parents[1] / "configs" / "kae.yaml"))
+    opts = ValueOptions(probes=P, mc_samples=16, every=10, groups=[2], kae_preset=_kae_preset_without_prior(tmp_path),
+                        kae_priors=[])
     probe = Probe(load_config(overrides=["max_steps=100"]), opts, None, rows, None, pool=20000)
     draws = torch.Generator().manual_seed(0)
     probe._sample = lambda model, rows, n: Samples(
@@ -133,6 +142,40 @@ def test_kae_measured_as_its_preset_trains_on_bernoulli_rewards():
         ratio = probe.mse_ratio(name, "grpo", 2)
         assert ratio.value == pytest.approx(expected, rel=0.15) and ratio.low < ratio.value < ratio.high
         assert ratio.n == P
+
+
+def test_kae_prior_measured_on_a_beta_population(tmp_path):
+    """Probes and training prompts with pass rates from Beta(1.2, 1.8) (mean 0.4, kappa 3), KAE as
+    configs/kae.yaml schedules it at G = 2. A baseline weighing other rewards w_j and a prior
+    pseudo-count kappa at the population mean has error [sum w^2 E p(1-p) + kappa^2 Var p] / (sum w +
+    kappa)^2, with E p(1-p) = 0.18 and Var p = 0.06: over the 4 positions of a sticky block (the other
+    sample, then 1 to 3 earlier steps of 2 rewards at w = 0.9, 0.8, 0.7) 0.0757 without the prior and
+    0.0290 with it, a ratio of 0.38. The prior's kappa and mean come from the training rewards."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from frugalrl.bench.options import ValueOptions
+    from frugalrl.bench.probe import Probe, Samples
+    from frugalrl.config import load_config
+
+    P, rng = 128, np.random.default_rng(0)
+    rate = dict(zip([f"p{p}" for p in range(P)], rng.beta(1.2, 1.8, P)))
+    rows = [{"id": key, "prompt": "", "answer": ""} for key in rate]
+    opts = ValueOptions(probes=P, mc_samples=16, every=10, groups=[2], kae_preset=_kae_preset_without_prior(tmp_path),
+                        kae_priors=["population"])
+    probe = Probe(load_config(overrides=["max_steps=100"]), opts, None, rows, None, pool=20000)
+    draws = torch.Generator().manual_seed(0)
+    probe._sample = lambda model, rows, n: Samples(torch.bernoulli(
+        torch.tensor([[rate[r["id"]]] * n for r in rows], dtype=torch.float64), generator=draws), [])
+    for step in range(1, 101):
+        train = [{"id": f"t{step}-{j}"} for j in range(64) for _ in range(4)]
+        rewards = torch.from_numpy(rng.binomial(1, np.repeat(rng.beta(1.2, 1.8, 64), 4)).astype(float))
+        probe(step, None, train, None, rewards)
+    assert probe.mse("kae", 2) == pytest.approx(0.0757, rel=0.15)
+    assert probe.mse("kae_population", 2) == pytest.approx(0.0290, rel=0.2)
+    assert abs(math.log(probe.rates.strength("population") / 3)) < 0.5
 
 
 def test_schedule_visits_needs_a_pool_of_a_batch():
@@ -494,6 +537,15 @@ def test_source_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch)
     assert report.source_commit() == "unknown"  # outside a git checkout
 
 
+def test_budget_reads_crossings_between_readings():
+    from frugalrl.bench.budget import crossing
+
+    curve = [(0.0, 0, 0.1), (10.0, 100, 0.3), (20.0, 200, 0.5)]
+    assert crossing(curve, 0.4, 0) == pytest.approx(15.0) and crossing(curve, 0.4, 1) == pytest.approx(150.0)
+    assert crossing(curve, 0.3, 1) == 100 and crossing(curve, 0.05, 0) == 0.0  # at a reading; before training
+    assert crossing(curve, 0.6, 0) is None
+
+
 def test_bench_budget(tmp_path, toy_options):
     from itertools import accumulate
     from pathlib import Path
@@ -503,17 +555,21 @@ def test_bench_budget(tmp_path, toy_options):
                "bench.tasks=[embedded]", "bench.runs=[uniform,dynamic,budget_cross]", "bench.seeds=[0,1]",
                "bench.steps=3", "bench.eval_every=1", "bench.pool=64", f"bench.configs_dir={configs}",
                "rollout.candidates=12", "rollout.prior_neighbors=4", "bench.dash_samples=64",
-               "bench.dash_eval_every_samples=32"])
+               "bench.dash_eval_every_samples=32", "bench.dash_seeds=[0]"])
     assert rc == 0
     summary = _summary(tmp_path)
     # every key written, null where the run is missing or the target was met before training
     for key in ("budget_cross_time_to_target_ratio_vs_rloo", "dynamic_samples_to_target_ratio_vs_rloo",
-                "budget_time_to_target_ratio_vs_rloo", "prior_brier_ratio_cross_prompt_vs_population"):
+                "budget_time_to_target_ratio_vs_rloo", "prior_brier_ratio_cross_prompt_vs_population",
+                "all_equal_calibration_gap"):
         assert {key, f"{key}_ci_low", f"{key}_ci_high"} <= summary.keys()
     assert summary["budget_time_to_target_ratio_vs_rloo"] is None  # budget not run
     assert summary["prior_brier_ratio_cross_prompt_vs_population"] > 0
+    assert 0 <= summary["all_equal_calibration_gap"] <= 1
     page = (tmp_path / "results" / "budget.md").read_text()
     assert "frugalrl bench budget" in page and "3 steps of 32 trained completions" in page
+    assert "95 % half-width" in page and "What it took: 2 seeds" in page
+    assert (tmp_path / "results" / "budget-embedded-calibration.png").stat().st_size > 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "embedded" / "dynamic-seed1" / "metrics.jsonl")
             .read_text().splitlines()]
     steps = [r for r in rows if "reward_mean" in r]

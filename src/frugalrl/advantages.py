@@ -25,6 +25,19 @@ Conventions (all estimators):
   (batch, history or V* baselines) a constant group keeps its non-zero advantage and is trained on.
 * Estimators with memory (kae) expose it through ``state_dict()`` / ``load_state_dict()`` as
   plain lists, dicts and floats, so it can go into a JSON checkpoint.
+* ``expected_gain_terms(n)`` is the estimator's *signal value*: what n completions of one prompt
+  are worth to it, for the rollout allocator (``allocation.py``). Model: one prompt with pass
+  rate p, its completions scored 0/1, the policy's parameter on it the logit of p, so that
+  d log pi(y) / d logit = r - p. One policy-gradient step along the group's advantages moves the
+  logit by sum_g A_g (r_g - p) (per unit step size) and p by p (1 - p) times that: the signal
+  value is the expected first-order increase of p,
+
+      V(n) = E[ p (1 - p) sum_g A_g (r_g - p) ],
+
+  a polynomial in p, returned as terms (c, i, j) of sum c p^i (1 - p)^j, so that the allocator can
+  take its expectation under a Beta posterior (``passrate.beta_moment``). Derived per estimator in
+  docs/algorithms.md and tested against simulations of that very quantity (the estimator run on
+  sampled groups).
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -239,13 +252,27 @@ class AdvantageEstimator:
 
     name: ClassVar[str] = ""
     zero_signal_for_constant_groups: ClassVar[bool] = False
-    history: PromptHistory | None = None  # where each step's rewards are recorded, when set
+    history: PromptHistory | None = None  # the prompts' past rewards, for estimators that read them (kae)
     _history_shared = False
 
     def use_history(self, history: PromptHistory) -> None:
-        """Record every step's rewards into ``history`` (and, for kae, read baselines from it): the
-        run's one per-prompt history, shared with the rollout allocator, which saves it."""
+        """Read past rewards from ``history``, the run's one per-prompt history, shared with the
+        rollout allocator. Its owner records every completion generated, including those that never
+        reach ``estimate`` (dynamic sampling's dropped groups), and saves it."""
         self.history, self._history_shared = history, True
+
+    def expected_gain_terms(self, n: int) -> list[tuple[float, int, int]]:
+        """The signal value of n completions of one prompt (module docstring) as terms (c, i, j) of
+        sum c p^i (1 - p)^j.
+
+        Here for every baseline that never reads the sample's own reward (rloo's leave-one-out,
+        reinforce's 0 or batch leave-one-out, kae's history and prior, astar's V*): then
+        E[A_g (r_g - p) | p] = E[r_g (r_g - p)] - E[b_g] E[r_g - p] = p (1 - p), whatever b_g, so
+        V(n) = n p^2 (1 - p)^2. The baseline changes the update's noise, not its expected size. A
+        batch-wide scaling (reinforce_pp's and kae's division by the batch std) multiplies every
+        prompt's value alike and leaves every allocation unchanged.
+        """
+        return [(float(n), 2, 2)]
 
     def estimate(self, rewards: Tensor, prompt_ids: Sequence[str], step: int) -> AdvantageOutput:
         """Advantages for one training step.
@@ -274,9 +301,7 @@ class AdvantageEstimator:
         raise NotImplementedError
 
     def _record(self, prompt_ids: list[str], r: Tensor, step: int) -> None:
-        """After the baselines: this step's rewards join ``history`` (when there is one)."""
-        if self.history is not None:
-            self.history.record(prompt_ids, r.tolist(), step)
+        """After the baselines: what an estimator with memory of its own keeps of this step (none here)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Estimator memory as plain python containers; {} for stateless estimators."""
@@ -318,6 +343,18 @@ class GRPO(AdvantageEstimator):
             baselines = groups.mean(r)
             advantages = r - baselines
         return advantages, baselines, {}
+
+    def expected_gain_terms(self, n: int) -> list[tuple[float, int, int]]:
+        """The group mean holds the sample's own reward, so the base class's argument fails. With k
+        of n solved, sum_g A_g (r_g - p) = sum_g A_g r_g (the advantages sum to 0) = k (n - k) / n
+        divided by (s_k + eps), s_k = sqrt(k (n - k) / (n (n - 1))) the sample std (``scale``), and
+        P(k | p) = C(n, k) p^k (1 - p)^(n - k): V(n) = sum_{k=1}^{n-1} C(n, k) p^(k+1) (1 - p)^(n-k+1)
+        k (n - k) / (n (s_k + eps)). Without the std (dr_grpo) the sum is (n - 1) p^2 (1 - p)^2: the
+        group mean takes 1/n of each sample's own signal back. All-equal outcomes (k = 0, n) add 0."""
+        if not self.scale:
+            return [(float(max(n - 1, 0)), 2, 2)]
+        return [(math.comb(n, k) * k * (n - k) / n / (math.sqrt(k * (n - k) / (n * (n - 1))) + self.eps), k + 1,
+                 n - k + 1) for k in range(1, n)]
 
 
 @register_estimator("dr_grpo")
@@ -436,11 +473,23 @@ class KAE(AdvantageEstimator):
     distance only grows as i grows, so they can never count again; in "auto" mode h moves
     with N(x), so there only ``max_history`` bounds memory). Steps are assumed non-decreasing.
 
-    When the denominator is 0 (no history with weight and G = 1), the baseline falls back to
-    the batch leave-one-out mean (0 if N = 1); such samples are counted in
+    ``use_prior(prior)`` (``algo.kae_prior``; not in the paper) adds to both sums a prior
+    pseudo-observation of weight kappa(x) at p0(x), the prompt's pass-rate prior and its fitted
+    strength (``passrate.py``)::
+
+        V_g = [ sum_H K z + K(0) sum_{k != g} r_k + kappa p0 ] / [ sum_H K + (G - 1) K(0) + kappa ]
+
+    so that a prompt with little history gets a baseline between its prior and its few rewards:
+    the posterior mean of its pass rate given everything but its own sample. p0 and kappa come
+    from earlier steps and other prompts, never from the sample's own reward, so the gradient
+    stays unbiased.
+
+    When the denominator is 0 (no history with weight, G = 1 and no prior), the baseline falls
+    back to the batch leave-one-out mean (0 if N = 1); such samples are counted in
     ``metrics["kae_fallback"]``. ``metrics["kae_history_weight_mean"]`` is the mean over samples
     of sum K(d) over H(x): the effective number of past rewards in a baseline.
-    ``metrics["kae_history_size"]`` is the number of (step, reward) entries stored after the step.
+    ``metrics["kae_history_size"]`` is the number of (step, reward) entries stored after the step;
+    ``metrics["kae_prior_weight_mean"]``, with a prior, the mean kappa over samples.
     """
 
     def __init__(self, *, kernel: str = "triangular", bandwidth: float = 10.0, bandwidth_mode: str = "window",
@@ -455,6 +504,12 @@ class KAE(AdvantageEstimator):
             raise ValueError(f"max_history={max_history!r} is not valid; it must be an int >= 1")
         self.max_history = max_history
         self.history = PromptHistory(max_history)  # H(x), until ``use_history`` shares the run's
+        self._prior: Callable[[list[str]], tuple[Any, Any]] | None = None
+
+    def use_prior(self, prior: Callable[[list[str]], tuple[Any, Any]]) -> None:
+        """Shrink every baseline toward a prior (class docstring): ``prior(prompt_ids)`` gives, for
+        the P prompt ids of a batch, (p0, kappa), each (P,) or a number, from earlier steps only."""
+        self._prior = prior
 
     def _kernel(self, u: Tensor) -> Tensor:
         """K(u) for distances u >= 0; both kernels have K(0) = 1 and support [0, 1]."""
@@ -490,10 +545,14 @@ class KAE(AdvantageEstimator):
         hist_w = _segment_sum(w, entry_group, P)
         hist_wz = _segment_sum(w * entry_reward, entry_group, P)
 
+        prior_wz = prior_w = torch.zeros(P, dtype=torch.float64)
+        if self._prior is not None:  # the prior is one more observation with weight kappa, at p0
+            p0, prior_w = (torch.as_tensor(v, dtype=torch.float64).expand(P) for v in self._prior(groups.keys))
+            prior_wz = prior_w * p0
         k0 = float(self._kernel(torch.zeros(())))
         i = groups.index
-        num = hist_wz[i] + k0 * (groups.sum(r)[i] - r)
-        den = hist_w[i] + k0 * (groups.sizes[i] - 1)
+        num = hist_wz[i] + prior_wz[i] + k0 * (groups.sum(r)[i] - r)
+        den = hist_w[i] + prior_w[i] + k0 * (groups.sizes[i] - 1)
         # weights are >= 0, so the sum is exactly 0 only when every term is 0
         fallback = den == 0
         baselines = torch.where(fallback, _Groups.whole_batch(r.numel()).loo_mean(r),
@@ -503,21 +562,26 @@ class KAE(AdvantageEstimator):
             advantages = advantages / (advantages.std() + self.eps)
 
         metrics = {"kae_fallback": float(fallback.sum()), "kae_history_weight_mean": float(hist_w[i].mean())}
+        if self._prior is not None:
+            metrics["kae_prior_weight_mean"] = float(prior_w[i].mean())
         return advantages, baselines, metrics
 
     def estimate(self, rewards: Tensor, prompt_ids: Sequence[str], step: int) -> AdvantageOutput:
         out = super().estimate(rewards, prompt_ids, step)
-        out.metrics["kae_history_size"] = float(self.history.size())  # after this step's rewards joined
+        # after this step's rewards joined (a shared history's owner records them after this call)
+        out.metrics["kae_history_size"] = float(self.history.size())
         return out
 
     def _record(self, prompt_ids: list[str], r: Tensor, step: int) -> None:
-        """Add this step's rewards to H(x); in a history of its own, drop entries that can no longer count.
+        """Add this step's rewards to a history of its own, and drop entries that can no longer count.
 
-        A shared history (``use_history``) is not pruned: the rollout allocator reads a prompt's
-        past visits an epoch later, long after they stopped counting for KAE.
+        A shared history (``use_history``) is its owner's to record and is not pruned: the rollout
+        allocator reads a prompt's past visits an epoch later, long after they stopped counting for KAE.
         """
-        super()._record(prompt_ids, r, step)
-        if self._history_shared or self.bandwidth_mode == "auto":  # in "auto" mode h moves with N(x)
+        if self._history_shared:
+            return
+        self.history.record(prompt_ids, r.tolist(), step)
+        if self.bandwidth_mode == "auto":  # h moves with N(x): an entry of weight 0 may count again
             return
         h = torch.tensor([self.bandwidth], dtype=torch.float64)
         for key in dict.fromkeys(prompt_ids):

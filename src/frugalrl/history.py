@@ -1,7 +1,7 @@
 """Every prompt's past rewards: one history per run, shared by KAE's baselines and the rollout allocator.
 
     history = PromptHistory(max_entries=512)
-    history.record(prompt_ids, rewards, step)   # N ids, N rewards, after the step's estimate
+    history.record(prompt_ids, rewards, step)   # N ids, N rewards: every completion the step generated
     steps, rewards = history.get("id")          # oldest first
     history.visits("id")                        # [(step, [rewards of that step]), ...]
 
@@ -27,9 +27,14 @@ __all__ = ["PromptHistory"]
 class PromptHistory:
     """prompt id -> (steps, rewards), oldest first, at most ``max_entries`` per prompt.
 
-    ``population`` is the running mean reward: an exponential average of each ``record``'s mean
-    with a span of ``population_window`` records (steps). It is the population prior of
-    ``passrate.py``; None before the first record.
+    ``population`` is the running mean pass rate of the prompts drawn: an exponential average, with
+    a span of ``population_window`` records (steps), of each record's mean over *prompts*, each
+    counted once: a recorded prompt by its mean reward, and a drawn prompt the allocator left out
+    by its pass-rate estimate (``left_out``). It is the population prior of ``passrate.py``, the
+    pass rate of a prompt about to be drawn, so it must not depend on which prompts the allocator
+    chose: skip leaves out prompts predicted solved or failed, and budget gives more completions to
+    some, so the mean over rolled-out completions is biased toward 0.5; the mean over every drawn
+    prompt is not. None before the first record.
     """
 
     def __init__(self, max_entries: int = 512, population_window: int = 10):
@@ -65,8 +70,10 @@ class PromptHistory:
                 out.append((s, [z]))
         return out
 
-    def record(self, prompt_ids: Sequence[str], rewards: Sequence[float], step: int) -> None:
-        """Append one step's rewards (N ids, N floats), keeping the newest ``max_entries`` per prompt."""
+    def record(self, prompt_ids: Sequence[str], rewards: Sequence[float], step: int,
+               left_out: Sequence[float] = ()) -> None:
+        """Append one step's rewards (N ids, N floats), keeping the newest ``max_entries`` per prompt;
+        ``left_out``: the pass-rate estimates of the step's drawn prompts that were not rolled out."""
         if len(prompt_ids) != len(rewards):
             raise ValueError(f"{len(prompt_ids)} prompt ids but {len(rewards)} rewards; pass one id per reward")
         new: dict[str, list[float]] = {}
@@ -74,8 +81,9 @@ class PromptHistory:
             new.setdefault(key, []).append(float(z))
         for key, zs in new.items():
             self.set(key, *self._appended(key, step, zs))
-        if rewards:
-            mean = sum(float(z) for z in rewards) / len(rewards)
+        rates = [sum(zs) / len(zs) for zs in new.values()] + [float(p) for p in left_out]
+        if rates:
+            mean = sum(rates) / len(rates)
             rate = 2 / (self.population_window + 1)  # the span-N exponential average
             self.population = mean if self.population is None else (1 - rate) * self.population + rate * mean
 

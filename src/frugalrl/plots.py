@@ -1,4 +1,5 @@
-"""PNG plots: one run's reward and evaluation accuracy against step and wall time; several runs side by side."""
+"""PNG plots: one run's reward and evaluation accuracy against step and wall time, and its pass-rate
+calibration; several runs side by side."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from frugalrl.allocation import calibration_gap, reliability  # noqa: E402
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -21,13 +24,37 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def draw_reliability(ax, runs: dict[str, list[dict]]) -> None:
+    """A reliability diagram on ``ax``: per run (label -> its metrics rows), the realised share of
+    all-equal groups against their predicted chance, one point a bin (area: its groups), and the
+    diagonal a calibrated prediction follows; the legend gives each run's calibration gap."""
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    for i, (label, rows) in enumerate(runs.items()):
+        bins = reliability(rows)
+        if bins:
+            predicted, realised, groups = zip(*bins)
+            size = [20 + 200 * n / max(groups) for n in groups]
+            ax.plot(predicted, realised, "-", color=f"C{i % 10}", lw=1)
+            ax.scatter(predicted, realised, s=size, color=f"C{i % 10}", alpha=0.7,
+                       label=f"{label} (gap {calibration_gap(rows):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted chance that a group's rewards are all equal")
+    ax.set_ylabel("realised share of all-equal groups")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+
+
 def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
     """Two panels (x = step, x = training wall seconds), each with the sampled reward
     (moving average), the held-out greedy accuracy and the share of groups whose rewards were
-    all equal (moving average). ``records`` are metrics.jsonl rows."""
+    all equal (moving average); and a third, the reliability diagram of the all-equal
+    predictions (``draw_reliability``). ``records`` are metrics.jsonl rows."""
     steps = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_accuracy" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    calibrated = any(k.startswith("all_equal_bin") for r in steps for k in r)
+    fig, axes = plt.subplots(1, 2 + calibrated, figsize=(11 + 4.5 * calibrated, 4))
+    axes[1].sharey(axes[0])
     window = max(1, len(steps) // 20)
     for ax, key, label in ((axes[0], "step", "step"), (axes[1], "wall_s", "training wall time (s)")):
         ax.plot([r[key] for r in steps], _smooth([r["reward_mean"] for r in steps], window),
@@ -42,6 +69,9 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reward / accuracy")
     axes[0].legend(loc="best", fontsize=8)
+    if calibrated:
+        draw_reliability(axes[2], {"this run": steps})
+        axes[2].set_title("pass-rate calibration", fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -78,8 +78,8 @@ from torch import Tensor
 
 from frugalrl.bench.options import GradOptions
 from frugalrl.bench.probe import (ESTIMATORS, EVERY_STEP, RUN_DEFAULTS, Group, Probe, Samples, check_groups,
-                                  describe_run, figure, load_probes, mean, plot_by_group, ratio_line, ratio_summary,
-                                  train_probed, trajectory)
+                                  describe_run, figure, load_probes, mean, plot_by_group, prior_inputs, ratio_line,
+                                  ratio_summary, train_probed, trajectory)
 from frugalrl.bench.stats import Estimate, bootstrap_ci, ratio_ci
 from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
@@ -126,8 +126,9 @@ class GradProbe(Probe):
     ``mc_floor`` the Monte Carlo floor's one-draw estimate; and ``true_norm`` g_A . g_B.
     """
 
-    def __init__(self, cfg: Config, opts: GradOptions, tokenizer, rows: list[dict], reward_fn, pool: int):
-        super().__init__(cfg, opts, tokenizer, rows, reward_fn, pool)
+    def __init__(self, cfg: Config, opts: GradOptions, tokenizer, rows: list[dict], reward_fn, pool: int,
+                 embeddings=None):
+        super().__init__(cfg, opts, tokenizer, rows, reward_fn, pool, embeddings)
         self.signs = torch.Generator().manual_seed(cfg.seed)  # the floor's random signs, apart from the run's RNG
         self.mc_err: dict[tuple[str, int], list[float]] = {}
         self.true_dot: dict[tuple[str, int], list[float]] = {}
@@ -265,8 +266,9 @@ def run(cfg: Config, opts: GradOptions, command: str, console: Console) -> dict:
     ``kae_every_step``) with their intervals into summary.json and return them."""
     check_groups(opts)
     task, rows, reference, tokenizer = load_probes(cfg, opts, console)
+    inputs = prior_inputs(opts, task, rows, reference, tokenizer)
     del reference  # train() loads its own copy of the starting model
-    probe = GradProbe(cfg, opts, tokenizer, rows, task.reward_fn, len(task.train_rows))
+    probe = GradProbe(cfg, opts, tokenizer, rows, task.reward_fn, len(task.train_rows), **inputs)
     result = train_probed(cfg, opts, console, probe)
 
     groups = sorted(set(opts.groups))

@@ -29,6 +29,13 @@ hook by a ``Probe``:
     checkpoint step's one position).
   - ``kae_every_step``: every probe at every step, so that at a checkpoint it has all the
     run's steps of history: the best case for KAE, an upper bound on what it can do.
+  Both shrink toward the preset's ``algo.kae_prior``; ``kae_<prior>``, for each prior of
+  ``bench.kae_priors``, is the scheduled KAE with that prior instead, fed the same samples.
+* KAE's priors (``passrate.py``) come from the probed run as the trainer would build them: the
+  run's rewards (``on_step``) go into a pass-rate estimate of the Probe's own, which fits kappa
+  and gives the population mean; the cross-prompt prior reads the starting model's embeddings of
+  the training prompts and the probes (``prior_inputs``). Probes never enter that history: a
+  probe's prior comes from the training prompts only.
 
 Every sample is kept with its tokens (``Samples``), so that a measure can differentiate the
 policy's log-probabilities of them.
@@ -50,6 +57,8 @@ from frugalrl.bench.stats import Estimate, ratio_ci
 from frugalrl.config import Config, ConfigError, load_config
 from frugalrl.data import PromptSampler
 from frugalrl.evaluation import score
+from frugalrl.history import PromptHistory
+from frugalrl.passrate import PassRateEstimator, prompt_embeddings
 from frugalrl.rollout import Rollout, generate
 from frugalrl.trainer import RunResult, build_estimator, load_inputs, set_seed, train
 
@@ -153,6 +162,33 @@ def _key(probe: int, checkpoint: int) -> str:
     return f"probe{probe}@{checkpoint}"
 
 
+def _probe(key: str) -> int:
+    """The probe a scheduled KAE's prompt id (``_key``) stands for."""
+    return int(key.removeprefix("probe").partition("@")[0])
+
+
+def kae_priors(opts: ValueOptions, preset: Config) -> list[str]:
+    """The priors the probed KAEs use: the preset's ``algo.kae_prior`` and ``bench.kae_priors``, less
+    "none"; a ValueError for vstar, whose kappa would need A*-PO's stage 1 over the training pool."""
+    kinds = [k for k in dict.fromkeys([preset.algo.kae_prior, *opts.kae_priors]) if k != "none"]
+    if "vstar" in kinds:
+        raise ValueError("bench value/grad measure KAE's prior from the probed run's training prompts, and a vstar "
+                         "prior needs A*-PO's stage 1 over all of them: leave vstar out of bench.kae_priors and "
+                         "bench.kae_preset's algo.kae_prior")
+    return kinds
+
+
+def prior_inputs(opts: ValueOptions, task, rows: list[dict], reference, tokenizer) -> dict:
+    """What the probed KAEs' priors need from the starting model (``reference``), as keyword
+    arguments of ``Probe``: the embeddings of the training prompts and the probes where a
+    cross_prompt prior is measured."""
+    if "cross_prompt" not in kae_priors(opts, load_kae_preset(opts)):
+        return {}
+    every = task.train_rows + rows
+    vectors = prompt_embeddings(reference, tokenizer, [r["prompt"] for r in every])
+    return {"embeddings": ([r["id"] for r in every], vectors)}
+
+
 class Probe:
     """The ``on_step`` hook: KAE histories as its schedules say, measures at checkpoints.
 
@@ -160,14 +196,24 @@ class Probe:
     ``checkpoints``: (step, mean V_MC over probes) per checkpoint. ``values``: (P,) V_MC per
     checkpoint. ``mc_var``: (P,) per checkpoint, Var(V_MC(x)) = s^2 / M (s^2 the sample
     variance of the M rewards). ``sq_err[(name, G)]``: (P,) per checkpoint, the mean over each
-    probe's G samples of (baseline - V_MC)^2.
+    probe's G samples of (baseline - V_MC)^2. ``rates``: the pass-rate estimate of the run's
+    training rewards that KAE's priors read. ``described``: every baseline measured -> what it is.
+    ``embeddings``: what a cross_prompt prior needs (``prior_inputs``).
     """
 
-    def __init__(self, cfg: Config, opts: ValueOptions, tokenizer, rows: list[dict], reward_fn, pool: int):
+    def __init__(self, cfg: Config, opts: ValueOptions, tokenizer, rows: list[dict], reward_fn, pool: int,
+                 embeddings: tuple[list[str], Tensor] | None = None):
         self.cfg, self.opts, self.tokenizer, self.rows, self.reward_fn = cfg, opts, tokenizer, rows, reward_fn
         self.preset = load_kae_preset(opts)
-        self.kae = {G: build_estimator(self.preset) for G in opts.groups}
-        self.kae_every_step = {G: build_estimator(self.preset) for G in opts.groups}
+        # the probed run's rewards, from which KAE's priors are built as the trainer builds them
+        self.rates = PassRateEstimator(PromptHistory(), kinds=kae_priors(opts, self.preset),
+                                       embeddings=embeddings, neighbors=self.preset.rollout.prior_neighbors)
+        preset_prior = self.preset.algo.kae_prior
+        self.kae = {G: self._kae(preset_prior) for G in opts.groups}
+        self.kae_every_step = {G: self._kae(preset_prior) for G in opts.groups}
+        self.kae_with = {(kind, G): self._kae(kind) for kind in opts.kae_priors for G in opts.groups}
+        self.described = {**ESTIMATORS, **{f"kae_{kind}": f"the scheduled KAE with algo.kae_prior={kind}"
+                                           for kind in opts.kae_priors}}
         try:
             self.visits = schedule_visits(pool, self.preset.rollout.batch_prompts, self.preset.data.sticky_steps,
                                           cfg.seed, len(rows), list(range(opts.every, cfg.max_steps + 1, opts.every)))
@@ -183,29 +229,45 @@ class Probe:
         self.mc_var: list[Tensor] = []
         self.sq_err: dict[tuple[str, int], list[Tensor]] = {}
 
+    def _kae(self, prior: str):
+        """A KAE with the preset's options, shrunk toward prior ``prior`` ("none": not shrunk)."""
+        kae = build_estimator(self.preset)
+        if prior != "none":
+            def shrink_toward(keys: list[str]):  # a scheduled KAE's keys name the probes they stand for
+                ids = [self.rows[_probe(k)]["id"] if "@" in k else k for k in keys]
+                return self.rates.priors(ids, prior), self.rates.strength(prior)
+            kae.use_prior(shrink_toward)
+        return kae
+
     def _sample(self, model, rows: list[dict], n: int) -> Samples:
         ro = self.cfg.rollout
         return sample(model, self.tokenizer, rows, self.reward_fn, n, temperature=ro.temperature,
                       top_p=ro.top_p, max_new_tokens=ro.max_new_tokens)
 
     def __call__(self, step: int, model, rows, rollout, rewards) -> None:
+        if rows is not None:  # the run's step, as the trainer's pass-rate estimate records it
+            self.rates.record([row["id"] for row in rows], rewards.tolist(), step)
         checkpoint = step % self.opts.every == 0
         mc = self._sample(model, self.rows, self.opts.mc_samples) if checkpoint else None
         # the checkpoint's own visits are measured on the samples that every estimator gets, below
         visits = [(p, c) for p, c in self.visits.get(step, []) if c != step]
         groups = {}
         for G in self.opts.groups:
+            scheduled = {"kae": self.kae[G], **{f"kae_{k}": self.kae_with[k, G] for k in self.opts.kae_priors}}
             if visits:
                 r = self._sample(model, [self.rows[p] for p, _ in visits], G).rewards.flatten()
-                self.kae[G].estimate(r, [_key(p, c) for p, c in visits for _ in range(G)], step)
+                keys = [_key(p, c) for p, c in visits for _ in range(G)]
+                for kae in scheduled.values():
+                    kae.estimate(r, keys, step)
             samples = self._sample(model, self.rows, G)
             r = samples.rewards.flatten()  # (P * G,), each probe's G samples consecutive
             ids = [row["id"] for row in self.rows for _ in range(G)]
             estimates = {EVERY_STEP: self.kae_every_step[G].estimate(r, ids, step)}
             if not checkpoint:
                 continue
-            estimates["kae"] = self.kae[G].estimate(r, [_key(p, step) for p in range(len(self.rows)) for _ in range(G)],
-                                                    step)
+            keys = [_key(p, step) for p in range(len(self.rows)) for _ in range(G)]
+            for name, kae in scheduled.items():
+                estimates[name] = kae.estimate(r, keys, step)
             for name, est in self.stateless.items():
                 if G > 1 or name not in GROUP_ONLY:
                     estimates[name] = est.estimate(r, ids, step)
@@ -257,8 +319,8 @@ class Probe:
                 f"{self.pool}, each for data.sticky_steps = {sticky} steps (a prompt's first visit has no history, "
                 f"a later one of its batch the rewards of at most {sticky - 1} earlier steps; it comes back once an "
                 f"epoch, {epoch} steps); `{EVERY_STEP}`: every probe at every step, the best case for KAE. Both with "
-                f"the {a.kae_kernel} kernel, bandwidth {a.kae_bandwidth:g} ({a.kae_bandwidth_mode}); the preset "
-                f"trains at G = {self.preset.rollout.group_size}")
+                f"the {a.kae_kernel} kernel, bandwidth {a.kae_bandwidth:g} ({a.kae_bandwidth_mode}) and "
+                f"algo.kae_prior={a.kae_prior}; the preset trains at G = {self.preset.rollout.group_size}")
 
 
 def mean(values: list[float]) -> float:
