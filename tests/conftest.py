@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +10,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from frugalrl.embedded import build_tokenizer
 
 torch.set_num_threads(1)
+
+# The tests never write into the user's cache: model.cache_dir defaults to $XDG_CACHE_HOME/frugalrl,
+# and XDG_CACHE_HOME is a directory of this session, set before any config is made (child
+# processes inherit it) and removed at the end.
+_CACHE_HOME = tempfile.mkdtemp(prefix="frugalrl-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

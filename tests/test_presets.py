@@ -26,9 +26,11 @@ LONGER = {"astar": 60}
 
 @pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory):
-    """The embedded default model after its default SFT warm-up, in a session cache."""
+    """The embedded default model after its default SFT warm-up, in a session cache; with no time
+    limit, so that a busy machine slows the warm-up down but does not stop it short of its target."""
     with cpu_threads(2):  # both cores for the SFT build; the rest of the suite keeps conftest's one
-        return resolve_model_path(load_config(overrides=[f"model.cache_dir={tmp_path_factory.mktemp('cache')}"]))
+        return resolve_model_path(load_config(overrides=[f"model.cache_dir={tmp_path_factory.mktemp('cache')}",
+                                                         "model.sft_max_wall_s=0"]))
 
 
 def test_every_algorithm_has_a_preset():

@@ -57,7 +57,8 @@ def run(cfg: Config, opts: WarmupOptions, command: str, console: Console) -> dic
     m = cfg.model
     _plot(results, results_dir / "warmup.png", m.sft_target_accuracy)
     rows = [[str(r["pool"]), str(r["seed"]), str(r["sft_steps"]), f"{r['seconds']:.0f}", fmt(r["check_accuracy"], 3),
-             fmt(r["eval_accuracy"], 3), "yes" if r["reached_target"] else "**no: hit the cap**"] for r in results]
+             fmt(r["eval_accuracy"], 3), r["stopped"] if r["reached_target"] else f"**{r['stopped']}: short of it**"]
+            for r in results]
     evals = [r["eval_accuracy"] for r in results]
     per_pool = [[str(pool), f"{statistics.mean(a):.3f} ± {statistics.stdev(a) if len(a) > 1 else 0:.3f}",
                  f"{min(a):.3f}", f"{max(a):.3f}"]
@@ -65,12 +66,14 @@ def run(cfg: Config, opts: WarmupOptions, command: str, console: Console) -> dic
     sections = [
         f"The embedded model's SFT warm-up (`models.build_embedded_sft`) for seeds {opts.seeds} on pools of "
         f"{opts.pools} training problems: it stops at the first check (every {m.sft_eval_every} steps) whose greedy "
-        f"accuracy on {m.sft_eval_size} training problems held out of it reaches {m.sft_target_accuracy:g}, or at "
-        f"{m.sft_steps} steps. Time includes the checks. \"Evaluation split\" is the held-out set a run's "
+        f"accuracy on {m.sft_eval_size} training problems held out of it reaches {m.sft_target_accuracy:g} (target), "
+        f"after {m.sft_patience} checks without a new best once halfway there (patience), after "
+        f"{m.sft_max_wall_s:g} s (time) or at {m.sft_steps} steps (steps); 0 turns a rule off. Time includes the "
+        "checks. \"Evaluation split\" is the held-out set a run's "
         "\"accuracy before RL\" is read on (never trained on, never used to stop). "
         f"{torch.get_num_threads()} torch threads.",
         table(["pool", "seed", "steps", "seconds", "accuracy: check problems", "accuracy: evaluation split",
-               "reached target"], rows),
+               "stopped by"], rows),
         table(["pool", "evaluation accuracy: mean ± sd", "min", "max"], per_pool),
     ]
     summary = {"warmup_eval_accuracy_mean": statistics.mean(evals), "warmup_eval_accuracy_min": min(evals),
