@@ -14,7 +14,9 @@ Final answer of a completion
     and plain-expression extraction, restricted to its *unanchored* patterns so that the
     rightmost candidate wins (math-verify would otherwise prefer an earlier "the answer is
     X" over a later number). A box is authoritative: when one exists, nothing outside it is
-    looked at, and an empty or unparsable box scores 0.
+    looked at, and an empty or unparsable box scores 0. An answer that is arithmetic left
+    undone (numbers joined by + - × only, such as a restated question "86 * 50 + 40") is no
+    answer and scores 0, unless the reference is written so too.
 
 Reference answers
     Plain strings such as ``"72"``, ``"\\frac{1}{2}"``, ``"x=5"``, ``"(1,2)"``, ``"$1,000"``;
@@ -70,6 +72,7 @@ __all__ = [
     "parse_answer",
     "parse_gold",
     "answers_match",
+    "unfinished_arithmetic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -402,6 +405,32 @@ def _log10_bound(e: Any, counter: list[int], depth: int) -> float:
     return max(children) + _m.log10(len(children) + 1)
 
 
+# --------------------------------------------------------------------------- unfinished arithmetic
+
+
+def unfinished_arithmetic(parsed: list) -> bool:
+    """Whether a parsed answer is arithmetic left undone: numbers joined by + - × with nothing
+    else (``86*50 + 40``, ``3 - -4``); fractions, roots, powers, percentages and symbols are
+    answers in their own right.
+
+    math-verify compares values, so an answer that restates the question ("Solve 86 * 50 +
+    40.") equals the reference 4340: on arithmetic tasks RL learns to echo the question within
+    a few dozen steps. ``math_reward`` scores such an answer 0 unless the reference is written
+    that way too.
+    """
+    sympy = _sympy_types()[0]
+    expr = next((p for p in parsed if isinstance(p, sympy.Basic)), None)
+    if not isinstance(expr, (sympy.Add, sympy.Mul)) or expr.free_symbols:
+        return False
+    for node in sympy.preorder_traversal(expr):
+        inverse = isinstance(node, sympy.Pow) and node.exp == -1 and node.base.is_Number
+        if not (node.is_Number or inverse or isinstance(node, (sympy.Add, sympy.Mul))):
+            return False
+    # a fraction (3/4, -3/4) is one number over another; 86*50 multiplies two
+    factors = [a for a in expr.args if a != -1 and not (isinstance(a, sympy.Pow) and a.exp == -1)]
+    return isinstance(expr, sympy.Add) or len(factors) >= 2
+
+
 # --------------------------------------------------------------------------- rewards
 
 # Parsed references shared across calls (training reuses the same prompts step after step);
@@ -427,7 +456,8 @@ def _parse_gold_shared(gold: Any, key: Any) -> list:
 
 
 def math_reward(prompts: Any, completions: Sequence[Any], answer: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
-    """1.0 where the completion's final answer equals the reference answer, else 0.0.
+    """1.0 where the completion's final answer equals the reference answer, else 0.0; an answer
+    that is arithmetic left undone (``unfinished_arithmetic``: "86 * 50 + 40" for 4340) scores 0.
 
     TRL signature: ``prompts`` is unused; ``completions`` are strings or chat message
     lists; ``answer`` is the dataset column of reference answers, one per completion
@@ -457,7 +487,8 @@ def math_reward(prompts: Any, completions: Sequence[Any], answer: Sequence[Any] 
             if key not in gold_cache:
                 gold_cache[key] = _parse_gold_shared(gold, key)
             g = gold_cache[key]
-            ok = bool(g) and answers_match(g, parse_answer(completion))
+            pred = parse_answer(completion)
+            ok = bool(g) and answers_match(g, pred) and (not unfinished_arithmetic(pred) or unfinished_arithmetic(g))
         except Exception:  # never raise on malformed input
             logger.debug("math_reward: scoring failed", exc_info=True)
             ok = False
