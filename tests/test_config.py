@@ -288,6 +288,56 @@ def test_estimator_gae_names_its_replacement(tmp_path):
         validate_config(Config.model_construct(algo=AlgoConfig.model_construct(estimator="gae")))
 
 
+def test_kl_estimator_k1_names_its_replacements(tmp_path):
+    """k1 as a loss has expected gradient 0: the old setting says where k1 works and what else to use."""
+    msg = error(overrides=["algo.kl_estimator=k1"])
+    assert msg.startswith("override 'algo.kl_estimator=k1': ") and "algo.kl_estimator=k1_reward" in msg
+    assert "k2" in msg
+    msg = error(path=write(tmp_path, "algo:\n  kl_coef: 0.1\n  kl_estimator: k1\n"))
+    assert "cfg.yaml" in msg and "algo.kl_estimator=k1_reward" in msg
+
+
+PPO = ["algo.loss=ppo", "algo.estimator=reinforce", "algo.reinforce_baseline=none"]  # as configs/ppo.yaml
+ASTAR = ["algo.estimator=astar", "rollout.temperature=1"]
+
+
+@pytest.mark.parametrize("overrides, names", [
+    # PPO's critic learns from every sample and its GAE replaces the estimator's advantages
+    ([*PPO, "train.filter_threshold=0.1"], ["train.filter_threshold", "algo.loss=ppo"]),
+    (["algo.loss=ppo"], ["algo.loss=ppo", "algo.estimator=rloo", "algo.estimator=reinforce",
+                         "algo.reinforce_baseline=none"]),
+    (["algo.loss=ppo", "algo.estimator=reinforce"], ["algo.estimator=reinforce (reinforce_baseline=loo)"]),
+    # the A*-PO regression sums log-probs, reads r - V* and has a KL of its own
+    ([*ASTAR, "algo.loss_agg=token-mean"], ["algo.loss_agg=token-mean", "algo.loss=astar"]),
+    (["algo.loss=astar"], ["algo.loss=astar", "algo.estimator=rloo", "algo.estimator=astar"]),
+    (["algo.loss=astar", "algo.estimator=astar"], ["algo.estimator=astar", "rollout.temperature=0.7"]),
+    ([*ASTAR, "algo.kl_coef=0.1", "algo.kl_estimator=k1_reward"], ["algo.kl_estimator=k1_reward", "algo.loss=astar"]),
+    # the budget always considers the batch's own prompts
+    (["rollout.candidates=32"], ["rollout.candidates=32", "rollout.batch_prompts=64"]),
+    # dynamic sampling would drop groups that still carry advantages
+    *[([*extra, "rollout.dynamic_sampling=true"], ["rollout.dynamic_sampling", f"algo.estimator={est}"])
+      for est, extra in [("kae", ["algo.estimator=kae"]), ("reinforce", ["algo.estimator=reinforce"]),
+                         ("reinforce_pp", ["algo.estimator=reinforce_pp"]), ("astar", ASTAR), ("reinforce", PPO)]],
+])
+def test_options_that_would_be_ignored_are_errors_that_name_them(overrides, names):
+    msg = error(overrides=overrides)
+    for name in names:
+        assert name in msg, (name, msg)
+
+
+@pytest.mark.parametrize("overrides", [
+    PPO,
+    [*PPO, "algo.kl_coef=0.1", "algo.kl_estimator=k1_reward"],  # PPO-RLHF: the KL in GAE's rewards
+    [*ASTAR, "algo.loss_agg=token-mean", "algo.entropy_coef=0.001"],  # it aggregates the entropy bonus
+    [*ASTAR, "algo.loss_agg=token-mean", "algo.kl_coef=0.1", "algo.kl_estimator=k3"],
+    [*ASTAR, "algo.loss=pg", "algo.kl_coef=0.1", "algo.kl_estimator=k1_reward"],
+    ["rollout.candidates=64"],
+    *[["rollout.dynamic_sampling=true", f"algo.estimator={est}"] for est in ("grpo", "dr_grpo", "rloo")],
+])
+def test_the_same_options_where_they_act(overrides):
+    load_config(overrides=overrides)
+
+
 def test_bad_value_in_yaml_names_file_key_value_type(tmp_path):
     msg = error(path=write(tmp_path, "rollout:\n  group_size: two\n"))
     assert "cfg.yaml" in msg and "'rollout.group_size'" in msg and "'two'" in msg and "int" in msg

@@ -332,7 +332,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(qwen_dir):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [[], ["lora.r=4", "algo.kl_coef=0.1"],
-                                   ["algo.loss=ppo", "algo.estimator=reinforce", "rollout.group_size=1", "train.mini_batches=2"],
+                                   ["algo.loss=ppo", "algo.estimator=reinforce", "algo.reinforce_baseline=none",
+                                    "rollout.group_size=1", "train.mini_batches=2"],
                                    ["algo.estimator=astar", "rollout.group_size=1", "rollout.temperature=1",
                                     "algo.vstar_n=2"]])
 def test_training_on_the_gpu(tmp_path, qwen_dir, extra):

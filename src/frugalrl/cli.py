@@ -23,7 +23,9 @@ COMMANDS = {
     "bench": "measurements written to bench/results/: value (baseline MSE per estimator), grad "
              "(policy-gradient MSE per estimator), rollout (generation throughput), train (every preset at "
              "equal samples), peer (frugalrl vs TRL's GRPOTrainer: step time, memory, accuracy), warmup (the "
-             "embedded model's SFT over seeds and pools) or scale (peak memory per process, ddp vs fsdp)",
+             "embedded model's SFT over seeds and pools), demo (`frugalrl demo` over seeds, from an empty cache), "
+             "tasks (reasoning-gym tasks from an empty cache, max_steps=2) or scale (peak memory per process, "
+             "ddp vs fsdp)",
     "compare": "several runs side by side: held-out accuracy and sampled reward on shared axes (a PNG) and a "
                "table of final and best accuracy, the cost of reaching an accuracy and the filter's savings",
 }
@@ -124,10 +126,11 @@ def _run(args, console: Console) -> int:
             print(json.dumps(build_cache(cfg, model, tokenizer, task, console)))
         return 0
     if args.command == "sft":
-        from frugalrl.models import build_embedded_sft, embedded_sft_path
+        from frugalrl.models import build_embedded_sft, cpu_threads, embedded_sft_path
 
         path = cfg.model.name_or_path or embedded_sft_path(cfg)
-        info = build_embedded_sft(cfg, path, console)
+        with cpu_threads(cfg.threads):
+            info = build_embedded_sft(cfg, path, console)
         print(json.dumps({"path": str(path), **info}))
         return 0
     if args.command == "eval":

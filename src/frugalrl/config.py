@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 def opt(default, help: str, **bounds):  # an option: its default, one help line, pydantic's bounds (ge, gt, le, lt)
     return Field(default, description=help, **bounds)
@@ -23,16 +23,29 @@ def _number(value):  # a number as YAML gives it, where pydantic's lax mode diff
     return int(float(value)) if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+[eE]\+?\d\d?\s*", value) else value
 Int, Float = Annotated[int, BeforeValidator(_number)], Annotated[float, BeforeValidator(_number)]
 
+def default_cache_dir() -> str:  # model.cache_dir when empty: the user's cache, as Hugging Face and pip use it
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "frugalrl")
+# a cache directory option: empty = default_cache_dir() (read from the environment when a config is made), ~ expanded
+CacheDir = Annotated[str, AfterValidator(lambda v: os.path.expanduser(v) if v else default_cache_dir()),
+                     Field(validate_default=True)]
+
 class Section(BaseModel):  # a section of options: no unknown key, numbers read as text by text options, no inf/nan
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
 class ModelConfig(Section):
-    name_or_path: str = opt("", "local Hugging Face model directory; empty = the embedded tiny model")
+    name_or_path: str = opt("", "Hugging Face model directory, .gguf file or shipped name (smollm2-135m-instruct); "
+                            "empty = the embedded tiny model")
+    gguf_file: str = opt("", "GGUF file in name_or_path (or its path), dequantised once into model.cache_dir")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype (float32 on CPU: bf16 is slow)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy trains: auto = cuda if torch sees a GPU")
-    cache_dir: str = opt(".cache/frugalrl", "where the embedded model and its SFT checkpoint are cached")
-    sft_steps: Int = opt(3000, "embedded model: most SFT warm-up steps (stops at sft_target_accuracy)", ge=0)
-    sft_target_accuracy: Float = opt(0.3, "embedded model: the warm-up stops at this accuracy (0: never)", ge=0, le=1)
+    cache_dir: CacheDir = opt("", "where built models are cached; empty = $XDG_CACHE_HOME/frugalrl, else "
+                              "~/.cache/frugalrl")
+    sft_steps: Int = opt(3000, "embedded model: most SFT warm-up steps", ge=0)
+    sft_target_accuracy: Float = opt(0.3, "embedded model: the warm-up stops at this check accuracy (0: no checks)",
+                                     ge=0, le=1)
+    sft_patience: Int = opt(5, "embedded model: stop the warm-up after N checks without a new best, once halfway to "
+                            "the target (0 = never)", ge=0)
+    sft_max_wall_s: Float = opt(270.0, "embedded model: stop the warm-up after this many seconds (0 = no limit)", ge=0)
     sft_eval_every: Int = opt(50, "embedded model: check the warm-up's accuracy every N steps", ge=1)
     sft_eval_size: Int = opt(256, "embedded model: held-out training problems the warm-up is checked on", ge=1)
     sft_lr: Float = opt(2e-3, "embedded model: supervised warm-up learning rate", gt=0)
@@ -81,8 +94,8 @@ class RolloutConfig(Section):
     max_per_prompt: Int = opt(8, "budget: most completions of one prompt", ge=1)
     skip_floor: Float = opt(0.1, "skip: the least chance that a considered prompt is rolled out", gt=0, le=1)
     passrate_prior: Literal["population", "vstar", "cross_prompt"] = opt("population", "prior of pass-rate estimates")
-    passrate_strength: Float = opt(2.0, "weight of the prior in a pass-rate estimate, in samples", gt=0)
-    passrate_visits: Float = opt(2.0, "pass rate: the k-th most recent visit weighs exp(-k / this)", gt=0)
+    passrate_strength: Float = opt(0.0, "weight of the prior in a pass-rate estimate, in samples (0 = fitted)", ge=0)
+    passrate_visits: Float = opt(0.0, "pass rate: the k-th newest visit weighs exp(-k / this) (0 = fitted)", ge=0)
     prior_neighbors: Int = opt(32, "cross_prompt prior: similar prompts it averages", ge=1)
     dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: replace groups of all-equal rewards")
     dynamic_max_rounds: Int = opt(4, "dynamic_sampling: most rollout rounds per step", ge=1)
@@ -90,6 +103,7 @@ class AlgoConfig(Section):
     estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "kae", "astar"] = opt(
         "rloo", "advantage estimator: each sample's reward minus a baseline")
     loss: Literal["auto", "pg", "astar", "ppo"] = opt("auto", "policy loss (auto: astar if estimator=astar, else pg)")
+    policy_loss = property(lambda s: s.loss if s.loss != "auto" else "astar" if s.estimator == "astar" else "pg")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = opt(
         "seq-mean-token-sum", "how token losses become one number")
     clip_low: Float = opt(0.2, "PPO clip: lower bound 1-clip_low on the ratio", ge=0)
@@ -99,6 +113,8 @@ class AlgoConfig(Section):
     kae_bandwidth_mode: Literal["window", "relative", "auto"] = opt("window", "KAE distance: (i-s)/h or (i-s)/(i*h)")
     kae_auto_c: Float = opt(1.0, "KAE auto bandwidth: h = kae_auto_c * N(x)^(-1/3)", gt=0)
     kae_scale: Literal["none", "batch"] = opt("none", "KAE: divide advantages by their batch std (unconfirmed)")
+    kae_prior: Literal["none", "population", "cross_prompt", "vstar"] = opt(
+        "none", "KAE: shrink each baseline toward the prompt's pass-rate prior (rollout.passrate_* explain)")
     reinforce_baseline: Literal["loo", "none"] = opt("loo", "REINFORCE baseline")
     vstar_n: Int = opt(8, "A*-PO stage 1: reference samples per training prompt (at temperature 1)", ge=1)
     vstar_path: str = opt("", "A*-PO: V* cache file (JSON); empty = one under model.cache_dir")
@@ -106,8 +122,9 @@ class AlgoConfig(Section):
     vstar_drop_unsolved: bool = opt(False, "A*-PO: train only on prompts that some stage-1 sample solved")
     astar_beta1: Float = opt(0.5, "A*-PO: V* = beta1 * log mean exp(r / beta1) (0 = plain mean)", ge=0)
     astar_beta2: Float = opt(1e-3, "A*-PO: loss (beta2 * log(pi/pi_ref) - (r - V*))^2", gt=0)
-    kl_coef: Float = opt(0.0, "KL(pi || pi_ref) penalty in the loss (0 = off: no reference model)", ge=0)
-    kl_estimator: Literal["k1", "k3"] = opt("k3", "KL estimator per token: k1 = log ratio, k3 = low-variance, >= 0")
+    kl_coef: Float = opt(0.0, "weight of the KL penalty to pi_ref, as kl_estimator says (0 = off: no reference)", ge=0)
+    kl_estimator: Literal["k2", "k3", "k1_reward"] = opt("k2", "k2 = loss with the gradient of KL(pi || pi_ref); "
+                                                         "k3 = GRPO's, of KL(pi_ref || pi); k1_reward = in the reward")
     entropy_coef: Float = opt(0.0, "entropy bonus: this times the token entropy off the loss", ge=0)
     gae_gamma: Float = opt(1.0, "PPO: GAE discount over completion tokens", ge=0, le=1)
     gae_lambda: Float = opt(1.0, "PPO: GAE lambda (1 = Monte-Carlo returns minus values)", ge=0, le=1)
@@ -151,7 +168,7 @@ class Config(Section):
     report_to: str | list[str] = opt([], "experiment trackers: tensorboard, wandb, mlflow, trackio ([] or none)")
     project: str = opt("frugalrl", "the trackers' project (W&B project, MLflow experiment, trackio project)")
     run_name: str = opt("", "the run's name in the trackers (empty = the name of output_dir)")
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)  # per config: its cache_dir default reads the environment
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -162,8 +179,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rules(self):  # the rules between options, once pydantic has checked each one
-        ro, est, w = self.rollout, self.algo.estimator, self.reward.weights
+        ro, a, est, w = self.rollout, self.algo, self.algo.estimator, self.reward.weights
         group, budget, g = est in ("grpo", "dr_grpo", "rloo"), ro.allocation == "budget", ro.group_size
+        loss, base = a.policy_loss, f" (reinforce_baseline={a.reinforce_baseline})" * (est == "reinforce")
+        agg = a.loss_agg != type(a).model_fields["loss_agg"].default
         off = [k for k, v in VSTAR_SAMPLING.items() if getattr(ro, k) != v]  # sampled unlike A*-PO's stage 1
         for broken, why in [
             (group and g < 2, f"algo.estimator={est} needs rollout.group_size >= 2 (or use kae or reinforce)"),
@@ -171,8 +190,26 @@ class Config(Section):
             (budget and group and ro.min_per_prompt < 2, f"algo.estimator={est} needs rollout.min_per_prompt >= 2"),
             (budget and (ro.candidates or 2 * ro.batch_prompts) * ro.max_per_prompt < ro.batch_prompts * g,
              "rollout.allocation=budget cannot spend a step's completions: raise rollout.candidates or max_per_prompt"),
+            (ro.candidates and ro.candidates < ro.batch_prompts, f"rollout.candidates={ro.candidates} is below "
+             f"rollout.batch_prompts={ro.batch_prompts}, which are all considered: raise it (0 = 2 x batch_prompts)"),
             (ro.dynamic_sampling and ro.allocation != "uniform", "rollout.dynamic_sampling needs allocation=uniform"),
+            (ro.dynamic_sampling and not group, f"rollout.dynamic_sampling drops groups of equal rewards, which under "
+             f"algo.estimator={est} still carry advantages: use grpo, dr_grpo or rloo, or turn it off"),
+            (loss == "ppo" and (est, a.reinforce_baseline) != ("reinforce", "none"), "algo.loss=ppo takes its "
+             f"advantages from its critic's GAE, not from algo.estimator={est}{base}: set algo.estimator=reinforce "
+             "algo.reinforce_baseline=none, as configs/ppo.yaml does"),
+            (loss == "ppo" and self.train.filter_threshold > 0, "train.filter_threshold has no effect under "
+             "algo.loss=ppo, whose critic learns from every sample: set it to 0"),
+            (loss == "astar" and est != "astar", f"algo.loss=astar regresses on r - V*, which algo.estimator={est} "
+             "does not give: set algo.estimator=astar (or algo.loss=pg)"),
+            (loss == "astar" and agg and not (a.entropy_coef or a.kl_coef), f"algo.loss_agg={a.loss_agg} has no "
+             "effect under algo.loss=astar, which sums each completion's log-probs (loss_agg weighs only the "
+             "entropy_coef and kl_coef terms): remove it"),
+            (loss == "astar" and a.kl_coef and a.kl_estimator == "k1_reward", "algo.kl_estimator=k1_reward puts the KL "
+             "in the policy gradient's reward, which algo.loss=astar does not read: use k2 or k3"),
             (ro.passrate_prior == "vstar" and est != "astar", "rollout.passrate_prior=vstar needs estimator astar"),
+            (a.kae_prior != "none" and est != "kae", f"algo.kae_prior={a.kae_prior} shapes KAE's baseline, and "
+             f"algo.estimator={est} has none: set algo.kae_prior=none (or algo.estimator=kae)"),
             (w and len(w) != len(self.reward.funcs), "reward.weights: give one weight per function, or none (1 each)"),
             (est == "astar" and off, "algo.estimator=astar compares each reward with V* of the reference sampled at "
              "temperature 1.0 and top_p 1.0, but " + " and ".join(f"rollout.{k}={getattr(ro, k)}" for k in off)
@@ -187,7 +224,10 @@ class Config(Section):
 
 VSTAR_SAMPLING = {"temperature": 1.0, "top_p": 1.0}  # how A*-PO's stage 1 samples the reference; stage 2 must match
 _RETIRED = {("algo.estimator", "gae"): "algo.estimator=gae is now algo.loss=ppo (PPO's critic and GAE are a loss): set "
-            "algo.loss=ppo algo.estimator=reinforce algo.reinforce_baseline=none, as configs/ppo.yaml does"}
+            "algo.loss=ppo algo.estimator=reinforce algo.reinforce_baseline=none, as configs/ppo.yaml does",
+            ("algo.kl_estimator", "k1"): "algo.kl_estimator=k1 as a loss has expected gradient 0 (it only adds noise): "
+            "set algo.kl_estimator=k1_reward for k1 in the reward (as PPO-RLHF), or k2 for a loss with the gradient "
+            "of KL(pi || pi_ref)"}
 
 # --- Machinery, generic over any tree of `Section`s: adding an option above needs no change below.
 class ConfigError(ValueError):

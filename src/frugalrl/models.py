@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from frugalrl import checkpoint, embedded, lora
+from frugalrl import checkpoint, embedded, gguf_models, lora
 from frugalrl.config import config_to_dict
 from frugalrl.data import load_task, row_options
 from frugalrl.evaluation import evaluate
-from frugalrl.sft import sft
+from frugalrl.prompts import format_task
+from frugalrl.sft import StopRule, sft
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,7 +48,8 @@ def _sft_key(cfg) -> str:
     recipe = {"shape": embedded.MODEL_SHAPE, "vocab": embedded.SPECIAL_TOKENS + embedded.CHARS,
               "data": data, "steps": m.sft_steps, "lr": m.sft_lr, "batch": m.sft_batch, "seed": cfg.seed,
               "target": m.sft_target_accuracy, "eval_every": m.sft_eval_every, "eval_size": m.sft_eval_size,
-              "max_new_tokens": cfg.rollout.max_new_tokens, "version": 2}
+              "patience": m.sft_patience, "max_wall_s": m.sft_max_wall_s,
+              "max_new_tokens": cfg.rollout.max_new_tokens, "version": 3}  # 3: micro-batches, stop rules
     return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -67,37 +69,54 @@ def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) ->
     """Build the embedded model, warm it up on the task's worked solutions (its "solution"
     column), save it atomically to ``path`` with ``sft_info.json``; returns that info.
 
-    The warm-up runs until greedy accuracy on training problems held out of it (``sft_split``)
-    reaches ``model.sft_target_accuracy``, checked every ``model.sft_eval_every`` steps, or
-    until ``model.sft_steps``. A fixed number of steps is a lottery: the learning curve is
-    steep there and its timing varies by seed (700 steps gave 0.30, 0.18, 0.04, 0.15 for
-    seeds 0-3), and RL from a warm-up that has not learnt the format gets no signal.
+    The warm-up is checked every ``model.sft_eval_every`` steps by its greedy accuracy on
+    training problems held out of it (``sft_split``) and stops at the first of (``StopRule``,
+    recorded as "stopped"): a check that reaches ``model.sft_target_accuracy`` ("target");
+    ``model.sft_patience`` checks without a new best, once halfway there ("patience");
+    ``model.sft_max_wall_s`` seconds ("time"); ``model.sft_steps`` steps ("steps"). A fixed
+    number of steps is a lottery: the learning curve is steep there and its timing varies by
+    seed (700 steps gave 0.30, 0.18, 0.04, 0.15 for seeds 0-3), and RL from a warm-up that has
+    not learnt the format gets no signal. A warm-up that stops short of the target is saved all
+    the same, and RL starts from it: a task whose answers the model cannot learn to the target
+    (or not in the time) still trains.
     """
     console = console or Console()
     tokenizer = embedded.build_tokenizer()
     model = embedded.build_model(tokenizer, seed=cfg.seed)
-    task = load_task(cfg)
+    task, _ = format_task(load_task(cfg), tokenizer, cfg.data)  # the prompts RL will see
+    # before the warm-up, not after it: a prompt too long for the model stops the command at once
+    check_prompt_lengths(model, tokenizer, task.train_rows + task.eval_rows, cfg.rollout.max_new_tokens)
     m = cfg.model
     train_rows, check_rows = sft_split(task.train_rows, m.sft_eval_size)
+    # The checks generate no further than a completion that imitates the longest worked solution
+    # needs (its tokens and EOS): an untrained model that never stops costs that much, not
+    # rollout.max_new_tokens (arithmetic: 33 tokens of 48).
+    solution_tokens = [len(tokenizer(r.get("solution", ""), add_special_tokens=False)["input_ids"]) for r in check_rows]
+    check_tokens = min(cfg.rollout.max_new_tokens, 1 + max(solution_tokens, default=cfg.rollout.max_new_tokens))
 
-    def accuracy(rows: list[dict]) -> float:
-        return evaluate(model, tokenizer, rows, task.reward_fn, max_new_tokens=cfg.rollout.max_new_tokens)["accuracy"]
+    def accuracy(rows: list[dict], max_new_tokens: int) -> float:
+        return evaluate(model, tokenizer, rows, task.reward_fn, max_new_tokens=max_new_tokens)["accuracy"]
 
+    rule = StopRule(m.sft_target_accuracy, m.sft_patience, m.sft_max_wall_s, len(check_rows))
+    stopped: str | None = None  # why the warm-up stopped before its step cap
     curve: list[list[float]] = []  # [step, accuracy on check_rows]
     plain = not console.is_terminal and not console.quiet  # a log file: the bar shows only at the end
 
     def on_step(step: int, loss: float) -> bool:
+        nonlocal stopped
         progress.update(bar, advance=1, loss=loss)
-        if step % m.sft_eval_every:
-            return False
-        checked = bool(m.sft_target_accuracy)
-        if checked:
-            curve.append([step, accuracy(check_rows)])
-            progress.update(bar, acc=f"{curve[-1][1]:.2f}")
-        if plain:
-            console.print(f"SFT warm-up step {step}/{m.sft_steps}  loss {loss:.3f}  check accuracy "
-                          f"{f'{curve[-1][1]:.3f}' if checked else '-'}  {time.perf_counter() - t0:.0f} s")
-        return checked and curve[-1][1] >= m.sft_target_accuracy
+        if step % m.sft_eval_every == 0:
+            checked = bool(m.sft_target_accuracy)
+            if checked:
+                curve.append([step, accuracy(check_rows, check_tokens)])
+                progress.update(bar, acc=f"{curve[-1][1]:.2f}")
+                stopped = rule.after_check(curve[-1][1])
+            if plain:
+                console.print(f"SFT warm-up step {step}/{m.sft_steps}  loss {loss:.3f}  check accuracy "
+                              f"{f'{curve[-1][1]:.3f}' if checked else '-'}  {time.perf_counter() - t0:.0f} s")
+        if not stopped and rule.out_of_time(time.perf_counter() - t0):
+            stopped = "time"
+        return bool(stopped)
 
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]SFT warm-up[/]"), BarColumn(), MofNCompleteColumn(),
@@ -106,25 +125,36 @@ def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) ->
         bar = progress.add_task("sft", total=m.sft_steps, loss=float("nan"), acc="-")
         steps, _ = sft(model, tokenizer, train_rows, steps=m.sft_steps, batch_size=m.sft_batch, lr=m.sft_lr,
                        seed=cfg.seed, on_step=on_step)
-    check = curve[-1][1] if curve and curve[-1][0] == steps else accuracy(check_rows)
+    stopped = stopped or "steps"
+    check = curve[-1][1] if curve and curve[-1][0] == steps else accuracy(check_rows, check_tokens)
     seconds = time.perf_counter() - t0
     reached = check >= m.sft_target_accuracy
     info = {"sft_steps": steps, "max_steps": m.sft_steps, "target_accuracy": m.sft_target_accuracy,
-            "check_accuracy": check, "check_problems": len(check_rows), "reached_target": reached,
-            "seconds": round(seconds, 1), "curve": curve,
-            "eval_accuracy": accuracy(task.eval_rows), "data": config_to_dict(cfg.data),
+            "check_accuracy": check, "check_problems": len(check_rows), "check_new_tokens": check_tokens,
+            "reached_target": reached, "stopped": stopped, "patience": m.sft_patience,
+            "max_wall_s": m.sft_max_wall_s, "seconds": round(seconds, 1), "curve": curve,
+            "eval_accuracy": accuracy(task.eval_rows, cfg.rollout.max_new_tokens), "data": config_to_dict(cfg.data),
             "parameters": sum(p.numel() for p in model.parameters())}
     with checkpoint.atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "sft_info.json").write_text(json.dumps(info, indent=1))
+    why = {"target": f"its target (model.sft_target_accuracy={m.sft_target_accuracy:g})",
+           "patience": f"its patience (model.sft_patience={m.sft_patience} checks without a new best)",
+           "time": f"its time limit (model.sft_max_wall_s={m.sft_max_wall_s:g})",
+           "steps": f"its step cap (model.sft_steps={m.sft_steps})"}[stopped]
     if not reached:
-        console.print(f"[bold yellow]SFT warm-up hit its cap, model.sft_steps={m.sft_steps}, with accuracy "
-                      f"{check:.3f} on {len(check_rows)} held-out training problems, short of "
-                      f"model.sft_target_accuracy={m.sft_target_accuracy:g}[/]: RL from a weak warm-up may get no "
-                      "signal (all-wrong groups); raise model.sft_steps or lower model.sft_target_accuracy")
-    console.print(f"SFT warm-up done: {steps} steps in {seconds:.0f} s, greedy accuracy {check:.3f} on held-out "
-                  f"training problems, {info['eval_accuracy']:.3f} on the evaluation split; saved to {path}")
+        more = {"patience": "raise model.sft_patience (0 = never)", "time": "raise model.sft_max_wall_s (0 = no limit)",
+                "steps": "raise model.sft_steps"}[stopped]
+        top = max((acc for _, acc in curve), default=check)
+        best = f" (best check {top:.3f})" if top > check else ""
+        console.print(f"[bold yellow]SFT warm-up stopped short of model.sft_target_accuracy={m.sft_target_accuracy:g}"
+                      f"[/], by {why}, with accuracy {check:.3f} on {len(check_rows)} held-out training problems"
+                      f"{best}: RL starts from there, and a weak warm-up may give it little signal (all-wrong "
+                      f"groups); to warm up longer, {more}")
+    console.print(f"SFT warm-up: {steps} steps in {seconds:.0f} s, stopped by {why}; greedy accuracy "
+                  f"{check:.3f} on held-out training problems, {info['eval_accuracy']:.3f} on the evaluation split; "
+                  f"saved to {path}")
     return info
 
 
@@ -135,13 +165,16 @@ def sft_info(path: str | Path) -> dict | None:
 
 
 def resolve_model_path(cfg, console: Console | None = None) -> Path:
-    """The directory to load: ``model.name_or_path``, or the cached embedded SFT model
-    (built first when missing or incomplete)."""
+    """The directory to load: ``model.name_or_path``, the dequantised copy of a GGUF model
+    (``gguf_models``), or the cached embedded SFT model (built first when missing or incomplete)."""
+    if converted := gguf_models.resolve(cfg.model, console):
+        return converted
     if cfg.model.name_or_path:
         path = Path(cfg.model.name_or_path)
         if not path.is_dir():
             raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: no such directory; give a local "
-                             "Hugging Face model directory, or leave it empty for the embedded model")
+                             "Hugging Face model directory, a .gguf file, a shipped model ("
+                             f"{', '.join(gguf_models.SHIPPED)}), or leave it empty for the embedded model")
         return path
     path = embedded_sft_path(cfg)
     if not checkpoint.is_complete(path):

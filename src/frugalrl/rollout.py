@@ -6,6 +6,7 @@ training forward pass sees exactly the token positions that generation saw.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 
 from frugalrl import fastgen
 from frugalrl.distributed import private_rng
+from frugalrl.losses import TokenOutputs  # what the losses read: the rollout knows them, never the reverse
 
 
 @dataclass
@@ -189,19 +191,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     return make_rollout(tokenizer, enc, completion, stop_ids)
 
 
-@dataclass
-class TokenOutputs:
-    """The training forward pass over a rollout's completions; (N, T) tensors, 0 where masked.
-
-    logprobs: log pi(y_t | x, y_<t) of each completion token, at the sampling temperature.
-    entropy: entropy (nats) of that tempered next-token distribution; None unless asked for.
-    hidden: (N, T, H) last-layer hidden state that token t was predicted from, i.e. the state
-        s_t before the token (a critic reads V(s_t) off it); None unless asked for.
-    """
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
+def _keeps_logits(model) -> bool:
+    """Whether ``model`` (or the model inside a DDP or peft wrapper) takes transformers'
+    ``logits_to_keep`` (the last N positions' logits only)."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(getattr(inner, "forward", inner)).parameters
 
 
 def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, entropy: bool = False,
@@ -212,9 +207,13 @@ def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, en
     are those of the distribution the completions were sampled from.
     """
     inputs = rollout.model_inputs()
-    P = rollout.prompt_ids.shape[1]
+    P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    if _keeps_logits(model):
+        # Logits at the completion's positions only: a prompt position's logits are never used, and
+        # with a large vocabulary (SmolLM2: 49,152) they cost as much as the rest of the forward pass.
+        inputs["logits_to_keep"] = T + 1
     out = model(**inputs, output_hidden_states=hidden)
-    logits = out.logits[:, P - 1:-1].float()
+    logits = out.logits[:, -T - 1:-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     # select rather than multiply: 0 * inf and 0 * NaN are NaN, and padding's logits may be either

@@ -12,8 +12,9 @@ A*-PO computes V* (``vstar.py``, stage 1, cached). One step:
    receives the current weights, ``rollout.backend=vllm``),
 3. score them with the task's reward function (``rollout.dynamic_sampling``: drop the groups
    whose rewards are all equal and repeat 2-3 on further prompts until the batch is full),
-4. turn rewards into advantages with the configured estimator; the rewards join the run's
-   per-prompt history (``history.py``), which KAE's baselines and the next plans read,
+4. turn rewards into advantages with the configured estimator; then every completion generated
+   (dynamic sampling's dropped groups too) joins the run's per-prompt history (``history.py``),
+   which KAE's baselines and the next plans read, and the pass-rate prior is refitted,
 5. drop samples whose advantage is zero (or |A| <= train.filter_threshold) before their
    forward pass, back-propagate the rest in micro-batches of ``train.micro_batch`` with one
    loss normaliser for the whole rollout batch, and take one AdamW step (or
@@ -171,15 +172,18 @@ class StepSamples:
 
 
 def build_allocator(cfg: Config, sampler: PromptSampler, history: PromptHistory, estimator,
-                    v_star: dict[str, float] | None, stage_one: dict[str, float] | None, embeddings) -> Allocator:
-    """The run's ``rollout.allocation`` with its pass-rate estimate (``rollout.passrate_*``); the
-    first-visit Brier score of the population prior is logged next to that of any other prior."""
-    ro = cfg.rollout
-    rates = PassRateEstimator(history, visits_bandwidth=ro.passrate_visits, strength=ro.passrate_strength,
-                              prior=ro.passrate_prior, vstar_rates=stage_one, embeddings=embeddings,
-                              neighbors=ro.prior_neighbors)
-    return Allocator(ro, sampler, rates, group_baseline=estimator.zero_signal_for_constant_groups, vstar=v_star,
-                     compare_priors=("population",), seed=cfg.seed)
+                    stage_one: dict[str, float] | None, embeddings) -> Allocator:
+    """The run's ``rollout.allocation`` with its pass-rate estimate (``rollout.passrate_*``), valued by
+    ``estimator``'s signal value. The estimate tracks the population prior too (skip compares with
+    it, and its first-visit scores are logged next to any other prior's), and KAE's
+    ``algo.kae_prior``, whose posterior KAE's baselines then shrink toward (with its fitted kappa)."""
+    ro, kae_prior = cfg.rollout, cfg.algo.kae_prior
+    rates = PassRateEstimator(history, prior=ro.passrate_prior, kinds=[kae_prior] * (kae_prior != "none"),
+                              strength=ro.passrate_strength, visits=ro.passrate_visits, vstar_rates=stage_one,
+                              embeddings=embeddings, neighbors=ro.prior_neighbors)
+    if kae_prior != "none":
+        estimator.use_prior(lambda ids: (rates.priors(ids, kae_prior), rates.strength(kae_prior)))
+    return Allocator(ro, sampler, rates, gain=estimator.expected_gain_terms, seed=cfg.seed)
 
 
 @dataclass
@@ -206,8 +210,9 @@ def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict],
     table.add_row("prompts: train / eval", prompts)
     if steps and "sft_steps" in steps[0]:
         check = steps[0]["sft_check_accuracy"]
-        table.add_row("SFT warm-up: steps, accuracy on its check problems",
-                      f"{steps[0]['sft_steps']}, {'-' if check is None else f'{check:.3f}'}")
+        table.add_row("SFT warm-up: steps, accuracy on its check problems, stopped by",
+                      f"{steps[0]['sft_steps']}, {'-' if check is None else f'{check:.3f}'}, "
+                      f"{steps[0].get('sft_stopped') or '-'}")
     table.add_row("steps", str(len(steps)))
     table.add_row("samples", str(steps[-1]["samples"] if steps else 0))
     table.add_row("training wall time", f"{steps[-1]['wall_s']:.0f} s" if steps else "-")
@@ -227,7 +232,7 @@ def _summary(console: Console, cfg: Config, rows: list[dict], evals: list[dict],
         trained = len(steps) * ro.batch_prompts * ro.group_size
         table.add_row("dynamic sampling: completions generated / trained", f"{steps[-1]['samples']} / {trained}")
     if steps and "all_equal_realised" in steps[0]:
-        table.add_row("all-equal groups (first round), predicted -> realised, mean over steps",
+        table.add_row("all-equal groups, predicted -> realised, mean over steps",
                       f"{np.mean([r['all_equal_predicted'] for r in steps]):.3f} -> "
                       f"{np.mean([r['all_equal_realised'] for r in steps]):.3f}")
     history = [r["kae_history_weight_mean"] for r in steps if "kae_history_weight_mean" in r]
@@ -278,11 +283,14 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     if cfg.data.max_prompt_tokens:
         prompt_counts += f" ({dropped['train']} / {dropped['eval']} dropped: > {cfg.data.max_prompt_tokens} tokens)"
     v_star = stage_one = embeddings = None
-    if cfg.algo.estimator == "astar":  # A*-PO stage 1, from the starting weights (cached)
+    priors = (cfg.rollout.passrate_prior, cfg.algo.kae_prior)
+    # A*-PO stage 1, from the starting weights (cached): V* for astar, pass rates for a vstar prior
+    if cfg.algo.estimator == "astar" or "vstar" in priors:
         v_star, train_rows, stage_one = dist.main_first(
             lambda: (*vstar.prepare(cfg, model, tokenizer, task, console), vstar.pass_rates(cfg, task)))
-        task = Task(train_rows, task.eval_rows, task.reward_fn)
-    if cfg.rollout.passrate_prior == "cross_prompt":  # from the starting weights: the same on every rank and resume
+        if cfg.algo.estimator == "astar":
+            task = Task(train_rows, task.eval_rows, task.reward_fn)
+    if "cross_prompt" in priors:  # from the starting weights: the same on every rank and resume
         embeddings = ([r["id"] for r in task.train_rows],
                       prompt_embeddings(model, tokenizer, [r["prompt"] for r in task.train_rows]))
     # Again: building the embedded SFT model or V* (or finding them cached) must not change
@@ -295,7 +303,7 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
     history = PromptHistory()  # every prompt's rewards: KAE's baselines and the allocator's p̂ read it
     estimator.use_history(history)
     sampler = PromptSampler(task.train_rows, cfg.rollout.batch_prompts, cfg.data.sticky_steps, cfg.seed)
-    allocator = build_allocator(cfg, sampler, history, estimator, v_star, stage_one, embeddings)
+    allocator = build_allocator(cfg, sampler, history, estimator, stage_one, embeddings)
     no_history = kae_history_warning(cfg, len(task.train_rows))
     if no_history:
         console.print(f"warning: {no_history}", style="bold yellow", markup=False, highlight=False)
@@ -364,19 +372,22 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         mine[share] = True
         return StepSamples([r["id"] for r in sample_rows], rows, rollout, rewards, dist.gather(rewards), mine, n)
 
-    def roll_out(plan: Plan) -> StepSamples:
-        """The step's samples as ``plan`` says; under rollout.dynamic_sampling, DAPO's rounds: keep
-        the groups whose rewards differ, roll out further prompts until batch_prompts groups are
-        kept (the last round fills up with all-equal ones). Every round's generation counts."""
+    def roll_out(plan: Plan) -> tuple[StepSamples, list[tuple[Plan, np.ndarray]]]:
+        """The step's samples as ``plan`` says, and every round's (plan, rewards of all its
+        completions) for the allocator's record; under rollout.dynamic_sampling, DAPO's rounds:
+        keep the groups whose rewards differ, roll out further prompts until batch_prompts groups
+        are kept (the last round fills up with all-equal ones). Every round's generation counts."""
         first = generate_rows(plan.sample_rows())
-        first.metrics = allocator.metrics(plan, first.all_rewards.numpy())
+        rounds = [(plan, first.all_rewards.numpy())]
         if not ro_cfg.dynamic_sampling:
-            return first
+            return first, rounds
         G, kept, need, dropped = ro_cfg.group_size, [], ro_cfg.batch_prompts, 0
         generated, batch = 0, first
         for round_ in range(1, ro_cfg.dynamic_max_rounds + 1):
             if round_ > 1:
-                batch = generate_rows([r for r in sampler.more(ro_cfg.batch_prompts) for _ in range(G)])
+                extra = allocator.extra(ro_cfg.batch_prompts)
+                batch = generate_rows(extra.sample_rows())
+                rounds.append((extra, batch.all_rewards.numpy()))
             generated += batch.generated
             group_of = np.arange(len(batch.ids)) // G
             varied = keep_varied(batch.all_rewards.numpy(), group_of)
@@ -388,8 +399,8 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
                 break
         out = StepSamples.cat(kept, tokenizer.pad_token_id)
         out.generated = generated
-        out.metrics = {**first.metrics, "dynamic_rounds": round_, "dynamic_dropped_groups": dropped}
-        return out
+        out.metrics = {"dynamic_rounds": round_, "dynamic_dropped_groups": dropped}
+        return out, rounds
 
     evals = [r for r in metrics.rows if "eval_accuracy" in r]  # the earlier ones, when resuming
     step, bad_steps = start, 0
@@ -400,10 +411,12 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         for step in range(start + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             plan = allocator.plan()  # the global batch: the same on every rank
-            batch = roll_out(plan)
+            batch, rounds = roll_out(plan)
             rollout, rewards, all_rewards = batch.rollout, batch.rewards, batch.all_rewards
             t_gen = time.perf_counter() - t0
             est = estimator.estimate(all_rewards, batch.ids, step)  # on the global batch
+            # after the estimate, which reads the history as it was before this step
+            allocated = allocator.record(rounds, step)
             update = learner.update(rollout, rewards, est.advantages[batch.mine])  # steps the lr schedule too
             dist.sync_rng()
             # the slowest rank's time, so that every rank agrees on max_wall_s
@@ -416,14 +429,15 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
                    "gen_s": round(t_gen, 3), "lr": scheduler.get_last_lr()[0],
                    "tokens_generated": int(generated), "truncation_rate": truncated / len(all_rewards),
                    "baseline_mean": est.baselines.mean().item(), **update, **est.metrics,
-                   **batch.metrics,  # the allocation's (and dynamic sampling's) figures
+                   **allocated, **batch.metrics,  # the allocation's (and dynamic sampling's) figures
                    # per-function means, errors and timeouts when reward.funcs combines several
                    **getattr(task.reward_fn, "last_stats", {})}
             if step == 1:  # the data this run trains on, once
                 row.update(train_prompts=len(task.train_rows), eval_prompts=len(task.eval_rows),
                            prompts_dropped=dropped["train"] + dropped["eval"])
                 if warmup:
-                    row.update(sft_steps=warmup["sft_steps"], sft_check_accuracy=warmup.get("check_accuracy"))
+                    row.update(sft_steps=warmup["sft_steps"], sft_check_accuracy=warmup.get("check_accuracy"),
+                               sft_stopped=warmup.get("stopped"))  # target, patience, time or steps
             log(row)
             if on_step is not None:
                 on_step(step, model, batch.rows, rollout, rewards)

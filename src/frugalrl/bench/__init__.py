@@ -27,8 +27,14 @@ BENCHES = {
     "train": "every preset from one SFT checkpoint, several seeds, equal samples: accuracy, time to target, memory",
     "budget": "where a step's completions go on finite pools: uniform RLOO vs dynamic sampling, skip and budget "
               "allocation, 3 seeds x 2 tasks: time and completions to target, the priors' calibration",
+    "real": "SmolLM2-135M-Instruct on the demo-real task: RLOO, REINFORCE, KAE J=8/J=4, PPO and skip at equal "
+            "samples, 2 seeds: which conclusions of the toy benches hold on a real model",
     "peer": "frugalrl's GRPO vs TRL's GRPOTrainer, same model, task, G and budget: s/step, peak RSS, accuracy",
     "warmup": "the embedded model's SFT warm-up for several seeds and pool sizes: steps, accuracy reached, time",
+    "demo": "`frugalrl demo` for several seeds, each from an empty model cache: accuracy before and after RL, gain, "
+            "wall time",
+    "tasks": "`frugalrl train` on reasoning-gym tasks nobody tuned for (max_steps=2), each from an empty model "
+             "cache: wall time with the warm-up, and how the warm-up ended",
     "scale": "peak RSS per process of train.strategy=ddp vs fsdp under torchrun (2 processes), on the largest "
              "model that fits comfortably",
 }

@@ -17,6 +17,8 @@ class ValueOptions(Section):
     groups: list[Int] = opt([1, 2, 4, 8], "group sizes G to compare")
     kae_preset: str = opt("configs/kae.yaml", "the KAE preset measured: its algo.kae_* options, and its prompt "
                           "schedule (rollout.batch_prompts, data.sticky_steps) over the run's training pool")
+    kae_priors: list[str] = opt(["none", "population", "cross_prompt"], "algo.kae_prior values measured besides the "
+                                "preset's, each as kae_<prior> (none, population, cross_prompt)")
     results_dir: str = opt("bench/results", "where value.md, value.png and summary.json are written")
 
 
@@ -26,6 +28,7 @@ class GradOptions(ValueOptions):
 
     mc_samples: Int = opt(64, "samples per probe prompt for V(x) and (in two halves) the policy gradient at "
                           "each checkpoint", ge=4)
+    kae_priors: list[str] = opt([], "algo.kae_prior values measured besides the preset's (each costs its gradients)")
     results_dir: str = opt("bench/results", "where grad.md, grad.png and summary.json are written")
 
 
@@ -59,17 +62,32 @@ class BudgetOptions(Section):
     runs: list[str] = opt(["uniform", "dynamic", "skip", "budget", "budget_cross"], "runs of every task: uniform "
                           "RLOO G=4 (the baseline, always run), dynamic (DAPO's dynamic sampling), skip, budget, "
                           "budget_cross (budget with the cross-prompt prior)")
-    seeds: list[Int] = opt([0, 1, 2], "seeds of every run")
+    seeds: list[Int] = opt([0, 1, 2, 3, 4], "seeds of every run (intervals narrow as 1 / sqrt(seeds))")
     pool: Int = opt(2048, "training prompts of every task (data.train_size or data.size)", ge=64)
     steps: Int = opt(150, "training steps of every run (256 trained completions each)", ge=1)
     eval_every: Int = opt(10, "held-out accuracy read every N steps", ge=1)
+    eval_size: Int = opt(1024, "held-out prompts of each reading (data.eval_size): standard error <= 0.5 / sqrt(N)",
+                         ge=1)
     target_frac: Float = opt(0.95, "target = this x uniform's mean final accuracy", gt=0, le=1)
     dash_samples: Int = opt(38400, "DASH vs TRL's GRPOTrainer (embedded task, whole pool): sampled completions of "
                             "each run (0 = leave this comparison out)", ge=0)
     dash_eval_every_samples: Int = opt(2560, "DASH vs TRL: held-out accuracy read every N sampled completions",
                                        ge=1)
+    dash_seeds: list[Int] = opt([0, 1, 2], "DASH vs TRL: seeds of both sides (apart from bench.seeds: its ratio "
+                                "needs fewer)")
     configs_dir: str = opt("configs", "where the tasks' configs are (the repository's configs/)")
     results_dir: str = opt("bench/results", "where budget.md, budget-TASK.png and summary.json are written")
+
+
+class RealOptions(Section):
+    runs: list[str] = opt(["rloo_g4", "reinforce_g1", "kae_j8", "kae_j4", "ppo", "skip"], "runs to make (bench/real.py "
+                          "RUNS), rloo_g4 among them")
+    seeds: list[Int] = opt([0, 1], "seeds of every run")
+    samples: Int = opt(1280, "sampled completions each run trains on (64 a step)", ge=64)
+    eval_every_samples: Int = opt(320, "held-out accuracy read every N sampled completions", ge=64)
+    target_frac: Float = opt(0.9, "skip's target: start + target_frac x (rloo_g4's final accuracy - start)", gt=0, le=1)
+    base_config: str = opt("configs/smollm2-arithmetic.yaml", "the runs' base config (model, task, LoRA, lr, lengths)")
+    results_dir: str = opt("bench/results", "where real.md, real.png and summary.json are written")
 
 
 class PeerOptions(Section):
@@ -88,6 +106,21 @@ class WarmupOptions(Section):
     results_dir: str = opt("bench/results", "where warmup.md, warmup.png and summary.json are written")
 
 
+class DemoOptions(Section):
+    seeds: list[Int] = opt(list(range(10)), "seeds of `frugalrl demo seed=S`, each run from an empty model cache")
+    min_gain: Float = opt(0.3, "the gain in held-out accuracy (after - before RL) every seed should clear", ge=0, le=1)
+    work_dir: str = opt("runs/bench-demo", "where each seed's run directory, model cache and log go")
+    results_dir: str = opt("bench/results", "where demo.md and summary.json are written")
+
+
+class TasksOptions(Section):
+    tasks: list[str] = opt(["basic_arithmetic", "letter_counting", "base_conversion", "spell_backward",
+                            "leg_counting"], "reasoning-gym tasks (data.task), each run from an empty model cache")
+    budget_s: Float = opt(360.0, "the wall time each task's command should finish in, warm-up included", gt=0)
+    work_dir: str = opt("runs/bench-tasks", "where each task's run directory, model cache and log go")
+    results_dir: str = opt("bench/results", "where tasks.md and summary.json are written")
+
+
 class ScaleOptions(Section):
     processes: Int = opt(2, "torchrun processes of each run (rollout.batch_prompts must split over them)", ge=2)
     rounds: Int = opt(1, "rounds, each a ddp run then an fsdp run (median reported)", ge=1)
@@ -99,5 +132,5 @@ class ScaleOptions(Section):
 
 
 OPTIONS = {"value": ValueOptions, "grad": GradOptions, "rollout": RolloutOptions, "train": TrainOptions,
-           "budget": BudgetOptions, "peer": PeerOptions, "warmup": WarmupOptions,
-           "scale": ScaleOptions}
+           "budget": BudgetOptions, "real": RealOptions, "peer": PeerOptions, "warmup": WarmupOptions,
+           "demo": DemoOptions, "tasks": TasksOptions, "scale": ScaleOptions}
