@@ -40,7 +40,7 @@ def estimates(rewards: torch.Tensor, names: tuple[str, ...]) -> dict:
 def value_probe(P: int, G: int, M: int) -> Probe:
     """A Probe of P prompts for a 10-step run with one checkpoint, measured by hand (``measure``)."""
     rows = [{"id": f"p{p}", "prompt": "", "answer": ""} for p in range(P)]
-    opts = ValueOptions(probes=P, mc_samples=M, every=10, groups=[G], kae_preset=KAE_PRESET)
+    opts = ValueOptions(probes=P, mc_samples=M, every=10, groups=[G], kae_preset=KAE_PRESET, kae_priors=[])
     return Probe(load_config(overrides=["max_steps=10"]), opts, None, rows, None, pool=256)
 
 
