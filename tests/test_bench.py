@@ -580,3 +580,50 @@ def test_bench_budget(tmp_path, toy_options):
     trl = json.loads((tmp_path / "runs" / "dash-vs-trl" / "trl_grpo-seed0" / "peer-result.json").read_text())
     assert [c[1] for c in trl["curve"]] == [0, 32, 64] and trl["curve"][1][0] < trl["curve"][2][0]
     assert "time_to_target_ratio_dash_vs_trl_grpo" in summary and "DASH vs TRL" in page
+
+
+def test_bench_real_at_toy_size(tmp_path, toy_options):
+    """bench real's protocol on the toy run in place of SmolLM2: its keys (with intervals over 2
+    seeds), the J = 8 vs J = 4 delta, nulls for runs not made, the conclusions table."""
+    from pathlib import Path
+
+    from frugalrl.config import load_config
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "smollm2-arithmetic.yaml"
+    # the toy file's rows have a prompt, not a reasoning-gym question: no template
+    rc = main(["bench", "real", *toy_options, "data.prompt_template=", f"output_dir={tmp_path / 'runs'}",
+               f"bench.base_config={base}", "bench.runs=[kae_j8,kae_j4]", "bench.seeds=[0,1]",
+               "bench.samples=512", "bench.eval_every_samples=256"])
+    assert rc == 0
+    summary = _summary(tmp_path)
+    _intervals(summary, ["real_final_accuracy_kae_j8", "real_final_accuracy_kae_j4",
+                         "real_final_accuracy_delta_kae_j8_vs_kae_j4"])
+    for key in ("real_final_accuracy_ppo", "real_final_accuracy_delta_ppo_vs_rloo_g4",
+                "real_skip_samples_to_target_ratio_vs_rloo"):
+        assert summary[key] is None and summary[f"{key}_ci_low"] is None
+    saved = load_config(tmp_path / "runs" / "kae_j8-seed1" / "bench-config.yaml")
+    # the base file, the bench's defaults, the command line, the run's options, in that order
+    assert (saved.train.lr, saved.max_wall_s, saved.data.prompt_template, saved.rollout.max_new_tokens) == (2e-5, 0, "", 8)
+    assert (saved.algo.estimator, saved.rollout.batch_prompts, saved.data.sticky_steps, saved.seed) == ("kae", 32, 8, 1)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "kae_j8-seed1" / "metrics.jsonl").open()]
+    assert [r["samples"] for r in rows if "eval_accuracy" in r] == [0, 256, 512]  # read at equal samples
+    assert len([r for r in rows if "reward_mean" in r]) == 8
+    page = (tmp_path / "results" / "real.md").read_text()
+    assert "frugalrl bench real" in page and "| kae_j8 | algo.estimator=kae" in page
+    assert "mean reward at visits 1..8:" in page and "mean reward at visits 1..4:" in page
+    assert "final accuracy ppo - rloo_g4: not run | not run |" in page
+
+
+def test_bench_real_verdicts():
+    """A conclusion holds when the interval of its difference has the toy's sign, is reversed when it has
+    the other, is not resolved when it spans 0; "the same" holds when it spans 0."""
+    from frugalrl.bench.real import verdict
+    from frugalrl.bench.stats import Estimate
+
+    assert verdict(Estimate(0.05, 0.01, 0.09, 3), 1) == "holds"
+    assert verdict(Estimate(-0.05, -0.09, -0.01, 3), 1) == "reversed"
+    assert verdict(Estimate(0.05, -0.01, 0.11, 3), 1).startswith("not resolved")
+    assert verdict(Estimate(-0.05, -0.09, -0.01, 3), -1) == "holds"
+    assert verdict(Estimate(0.01, -0.02, 0.04, 3), 0).startswith("holds")
+    assert verdict(Estimate(0.05, 0.01, 0.09, 3), 0) == "does not hold"
+    assert verdict(Estimate(0.05, 0.05, 0.05, 1), 1) == "one seed: no verdict" and verdict(None, 1) == "not run"

@@ -12,6 +12,7 @@ option of the run config, as for ``frugalrl train``.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from rich.console import Console
 
@@ -48,13 +49,20 @@ def options_help() -> str:
 
 
 def configure(name: str, config_path: str | None, overrides: list[str]):
-    """(bench module, run config, bench options) for ``frugalrl bench NAME``; ConfigError on bad options."""
+    """(bench module, run config, bench options) for ``frugalrl bench NAME``; ConfigError on bad options.
+
+    The run config is the defaults, then ``bench.base_config`` (for the benches that have one: the
+    file their runs start from), then the bench's ``TRAIN_DEFAULTS``, then ``--config``, then the
+    command line's run options."""
     module = importlib.import_module(f"frugalrl.bench.{name}")
     try:
         opts = load_config(None, [o[len(PREFIX):] for o in overrides if o.startswith(PREFIX)], base=OPTIONS[name]())
     except ConfigError as e:  # its message names the key without the prefix
         raise ConfigError(f"{PREFIX}* option of bench {name}: {e} (`frugalrl bench --help` lists them)") from None
-    base = load_config(None, module.TRAIN_DEFAULTS)
+    base_file = getattr(opts, "base_config", None)
+    if base_file and not Path(base_file).is_file():
+        raise ConfigError(f"{PREFIX}base_config={base_file}: no such file; run the bench from the repository root")
+    base = load_config(base_file, module.TRAIN_DEFAULTS)
     cfg = load_config(config_path, [o for o in overrides if not o.startswith(PREFIX)], base=base)
     return module, cfg, opts
 

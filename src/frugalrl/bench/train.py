@@ -249,7 +249,7 @@ def _record(label: str, seed: int, run_dir: Path, process_s: float, rss: float, 
                      steps[0]["eval_prompts"], **stage1)
 
 
-def _plot(records: dict[str, list[RunRecord]], target: float, path: Path, title: str) -> None:
+def _plot(records: dict[str, list[RunRecord]], target: float | None, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +266,8 @@ def _plot(records: dict[str, list[RunRecord]], target: float, path: Path, title:
         axes[0].plot(wall, acc, style, marker=".", label=label)
         axes[1].plot(samples, acc, style, marker=".", label=label)
     for ax, xlabel in zip(axes, ("training wall time (s)", "sampled completions")):
-        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        if target is not None:
+            ax.axhline(target, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out greedy accuracy (mean over seeds)")
