@@ -17,12 +17,12 @@ COMMANDS = {
     "train": "RL training (the main job): prompts -> rollouts -> rewards -> advantages -> update",
     "sft": "supervised warm-up of the embedded model on worked solutions (cached; train does it when needed)",
     "eval": "greedy accuracy and pass@k of a model on the task's held-out split",
-    "demo": "the embedded default end to end: accuracy before and after RL",
+    "demo": "train, then print accuracy before and after RL (the embedded default; make demo-real: SmolLM2)",
     "vstar": "A*-PO stage 1: V* of every training prompt from algo.vstar_n samples of the starting model, "
              "cached for `train algo.estimator=astar`",
     "bench": "measurements written to bench/results/: value (baseline MSE per estimator), grad "
              "(policy-gradient MSE per estimator), rollout (generation throughput), train (every preset at "
-             "equal samples), peer (frugalrl vs TRL's GRPOTrainer: step time, memory, accuracy), warmup (the "
+             "equal samples), real (the methods on SmolLM2-135M: which toy conclusions hold), peer (frugalrl vs TRL's GRPOTrainer: step time, memory, accuracy), warmup (the "
              "embedded model's SFT over seeds and pools), demo (`frugalrl demo` over seeds, from an empty cache), "
              "tasks (reasoning-gym tasks from an empty cache, max_steps=2) or scale (peak memory per process, "
              "ddp vs fsdp)",
