@@ -50,12 +50,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from frugalrl.allocation import calibration_gap
 from frugalrl.bench import peer
@@ -63,7 +61,7 @@ from frugalrl.bench.options import BudgetOptions
 from frugalrl.bench.probe import figure
 from frugalrl.bench.report import publish, run_child, table
 from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
-from frugalrl.bench.train import RunRecord, _plot, _record
+from frugalrl.bench.train import RunRecord, _plot, _record, fresh_runs
 from frugalrl.config import Config, changed_options, load_config, save_config
 from frugalrl.models import resolve_model_path
 from frugalrl.plots import draw_reliability
@@ -189,23 +187,14 @@ def _runs(task: str, cfg: Config, opts: BudgetOptions, console: Console):
     metrics: dict[str, list[list[dict]]] = {label: [] for label in opts.runs}
     briers: list[float | None] = []
     jobs = [(seed, label) for seed in opts.seeds for label in opts.runs]
-    with Progress(TextColumn(f"[bold]bench budget {task}[/] {{task.fields[run]}}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("runs", total=len(jobs), run="")
-        for seed, label in jobs:
-            progress.update(bar, run=f"{label} seed {seed}")
-            run_dir = out_root / f"{label}-seed{seed}"
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            options = [*common, *RUNS[label], f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
-                       f"output_dir={run_dir}", f"max_steps={opts.steps}", f"eval_every={opts.eval_every}"]
-            seconds, rss = run_child("frugalrl.cli", ["train", "--config", path, *options], run_dir / "train.log")
-            records[label].append(_record(label, seed, run_dir, seconds, rss))
-            metrics[label].append([r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r])
-            if label == "budget_cross":
-                briers.append(brier_ratio(run_dir))
-            progress.update(bar, advance=1)
+    for seed, label, run_dir in fresh_runs(f"bench budget {task}", jobs, out_root, console):
+        options = [*common, *RUNS[label], f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
+                   f"output_dir={run_dir}", f"max_steps={opts.steps}", f"eval_every={opts.eval_every}"]
+        seconds, rss = run_child("frugalrl.cli", ["train", "--config", path, *options], run_dir / "train.log")
+        records[label].append(_record(label, seed, run_dir, seconds, rss))
+        metrics[label].append([r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r])
+        if label == "budget_cross":
+            briers.append(brier_ratio(run_dir))
     return records, briers, metrics, model, base.rollout.batch_prompts * base.rollout.group_size
 
 
@@ -216,25 +205,24 @@ def _dash_vs_trl(cfg: Config, opts: BudgetOptions, console: Console) -> tuple[di
     grpo = load_config(paths["trl_grpo"], common)
     model = Path(grpo.model.name_or_path or resolve_model_path(grpo, console)).resolve()
     records: dict[str, list[RunRecord]] = {"dash": [], "trl_grpo": []}
-    for seed in opts.dash_seeds:
-        for label, path in paths.items():
-            run_dir = Path(cfg.output_dir) / "dash-vs-trl" / f"{label}-seed{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
-            ro = load_config(path, common).rollout
-            per_step = ro.batch_prompts * ro.group_size
-            options = [*common, f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
-                       f"output_dir={run_dir}", f"max_steps={opts.dash_samples // per_step}",
-                       f"eval_every={opts.dash_eval_every_samples // per_step}"]
-            if label == "dash":
-                seconds, rss = run_child("frugalrl.cli", ["train", "--config", path, *options], run_dir / "train.log")
-                records[label].append(_record(label, seed, run_dir, seconds, rss))
-                continue
-            save_config(load_config(path, options), run_dir / "peer-config.yaml")
-            seconds, rss = run_child("frugalrl.bench.peer", ["trl", str(run_dir / "peer-config.yaml"),
-                                                             str(run_dir / "peer-result.json")], run_dir / "peer.log")
-            curve = [tuple(c) for c in json.loads((run_dir / "peer-result.json").read_text())["curve"]]
-            records[label].append(RunRecord(label, seed, curve, curve[-1][0], seconds, rss, 0, 0, 0))
+    jobs = [(seed, label) for seed in opts.dash_seeds for label in paths]
+    for seed, label, run_dir in fresh_runs("bench budget dash-vs-trl", jobs, Path(cfg.output_dir) / "dash-vs-trl",
+                                           console):
+        path = paths[label]
+        ro = load_config(path, common).rollout
+        per_step = ro.batch_prompts * ro.group_size
+        options = [*common, f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
+                   f"output_dir={run_dir}", f"max_steps={opts.dash_samples // per_step}",
+                   f"eval_every={opts.dash_eval_every_samples // per_step}"]
+        if label == "dash":
+            seconds, rss = run_child("frugalrl.cli", ["train", "--config", path, *options], run_dir / "train.log")
+            records[label].append(_record(label, seed, run_dir, seconds, rss))
+            continue
+        save_config(load_config(path, options), run_dir / "peer-config.yaml")
+        seconds, rss = run_child("frugalrl.bench.peer", ["trl", str(run_dir / "peer-config.yaml"),
+                                                         str(run_dir / "peer-result.json")], run_dir / "peer.log")
+        curve = [tuple(c) for c in json.loads((run_dir / "peer-result.json").read_text())["curve"]]
+        records[label].append(RunRecord(label, seed, curve, curve[-1][0], seconds, rss, 0, 0, 0))
     target = opts.target_frac * statistics.fmean(r.final for r in records["trl_grpo"])
     estimate, why = _paired(records, "dash", time_to, target, baseline="trl_grpo")
     key = "time_to_target_ratio_dash_vs_trl_grpo"

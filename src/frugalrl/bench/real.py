@@ -36,18 +36,16 @@ Protocol of ``frugalrl bench real``:
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from frugalrl.bench.budget import crossing
 from frugalrl.bench.options import RealOptions
 from frugalrl.bench.report import publish, run_child, table
 from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
-from frugalrl.bench.train import RunRecord, _plot, _record, whole_steps
+from frugalrl.bench.train import RunRecord, _plot, _record, fresh_runs, whole_steps
 from frugalrl.config import apply_overrides, save_config
 from frugalrl.models import resolve_model_path
 from frugalrl.recovery import read_metrics
@@ -170,26 +168,18 @@ def run(cfg, opts: RealOptions, command: str, console: Console) -> dict:
     shares: dict[str, list[float]] = {label: [] for label in opts.runs}
     blocks: dict[str, list[list[float]]] = {}
     jobs = [(seed, label) for seed in opts.seeds for label in opts.runs]
-    with Progress(TextColumn("[bold]bench real[/] {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("runs", total=len(jobs), run="")
-        for seed, label in jobs:
-            progress.update(bar, run=f"{label} seed {seed}")
-            run_cfg, steps, every = plans[label]
-            run_dir = out_root / f"{label}-seed{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
-            # the run's whole config in a file of its own: the child reads exactly what was checked here
-            save_config(apply_overrides(run_cfg, [f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
-                                                  f"output_dir={run_dir}", f"max_steps={steps}",
-                                                  f"eval_every={every}"]), run_dir / "bench-config.yaml")
-            seconds, rss = run_child("frugalrl.cli", ["train", "--config", str(run_dir / "bench-config.yaml")],
-                                     run_dir / "train.log")
-            records[label].append(_record(label, seed, run_dir, seconds, rss))
-            shares[label].append(_gen_share(run_dir))
-            if run_cfg.data.sticky_steps > 1:
-                blocks.setdefault(label, []).append(block_rewards(run_dir, run_cfg.data.sticky_steps))
-            progress.update(bar, advance=1)
+    for seed, label, run_dir in fresh_runs("bench real", jobs, out_root, console):
+        run_cfg, steps, every = plans[label]
+        # the run's whole config in a file of its own: the child reads exactly what was checked here
+        save_config(apply_overrides(run_cfg, [f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
+                                              f"output_dir={run_dir}", f"max_steps={steps}", f"eval_every={every}"]),
+                    run_dir / "bench-config.yaml")
+        seconds, rss = run_child("frugalrl.cli", ["train", "--config", str(run_dir / "bench-config.yaml")],
+                                 run_dir / "train.log")
+        records[label].append(_record(label, seed, run_dir, seconds, rss))
+        shares[label].append(_gen_share(run_dir))
+        if run_cfg.data.sticky_steps > 1:
+            blocks.setdefault(label, []).append(block_rewards(run_dir, run_cfg.data.sticky_steps))
 
     start = statistics.fmean(r.curve[0][2] for runs in records.values() for r in runs)
     summary: dict[str, float | None] = {}

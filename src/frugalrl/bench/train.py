@@ -249,6 +249,21 @@ def _record(label: str, seed: int, run_dir: Path, process_s: float, rss: float, 
                      steps[0]["eval_prompts"], **stage1)
 
 
+def fresh_runs(title: str, jobs: list[tuple[int, str]], out_root: Path, console: Console):
+    """For each (seed, label) of ``jobs`` in order, an empty run directory ``out_root/LABEL-seedSEED``
+    (an earlier one removed): yields (seed, label, run_dir) under a progress bar titled ``title``."""
+    with Progress(TextColumn(f"[bold]{title}[/] {{task.fields[run]}}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("runs", total=len(jobs), run="")
+        for seed, label in jobs:
+            progress.update(bar, run=f"{label} seed {seed}")
+            run_dir = out_root / f"{label}-seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            yield seed, label, run_dir
+            progress.update(bar, advance=1)
+
+
 def _plot(records: dict[str, list[RunRecord]], target: float | None, path: Path, title: str) -> None:
     import matplotlib
 
@@ -309,27 +324,17 @@ def run(cfg: Config, opts: TrainOptions, command: str, console: Console) -> dict
     out_root = Path(cfg.output_dir)
     records: dict[str, list[RunRecord]] = {label: [] for label in opts.runs}
     jobs = [(seed, label) for seed in opts.seeds for label in opts.runs]
-    with Progress(TextColumn("[bold]bench train[/] {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("runs", total=len(jobs), run="")
-        for seed, label in jobs:
-            progress.update(bar, run=f"{label} seed {seed}")
-            plan = plans[label]
-            run_dir = out_root / f"{label}-seed{seed}"
-            options = [*plan.options, f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
-                       f"output_dir={run_dir}", f"max_steps={plan.steps}", f"eval_every={plan.eval_every}"]
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            stage1 = {}
-            if plan.cfg.algo.estimator == "astar":  # stage 1 apart, timed, into the run's own cache file
-                options.append(f"algo.vstar_path={run_dir / 'vstar.json'}")
-                seconds, samples = stage_one(load_config(plan.preset, options), run_dir / "vstar.log")
-                stage1 = {"stage1_s": seconds, "stage1_samples": samples}
-            seconds, rss = run_child("frugalrl.cli", ["train", "--config", plan.preset, *options],
-                                     run_dir / "train.log")
-            records[label].append(_record(label, seed, run_dir, seconds, rss, **stage1))
-            progress.update(bar, advance=1)
+    for seed, label, run_dir in fresh_runs("bench train", jobs, out_root, console):
+        plan = plans[label]
+        options = [*plan.options, f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
+                   f"output_dir={run_dir}", f"max_steps={plan.steps}", f"eval_every={plan.eval_every}"]
+        stage1 = {}
+        if plan.cfg.algo.estimator == "astar":  # stage 1 apart, timed, into the run's own cache file
+            options.append(f"algo.vstar_path={run_dir / 'vstar.json'}")
+            seconds, samples = stage_one(load_config(plan.preset, options), run_dir / "vstar.log")
+            stage1 = {"stage1_s": seconds, "stage1_samples": samples}
+        seconds, rss = run_child("frugalrl.cli", ["train", "--config", plan.preset, *options], run_dir / "train.log")
+        records[label].append(_record(label, seed, run_dir, seconds, rss, **stage1))
 
     start, target = target_accuracy(records, opts.target_run, opts.target_frac)
     ratios = {key: ratio(records, key, target) for key in RATIOS}
