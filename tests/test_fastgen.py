@@ -282,3 +282,41 @@ def test_unsupported_models_fall_back(tokenizer):
         rollout_generate(gpt2, tokenizer, ["1+1="], max_new_tokens=4, backend="fast")
     with pytest.raises(ValueError, match="backend"):
         rollout_generate(gpt2, tokenizer, ["1+1="], max_new_tokens=4, backend="vllm")
+
+
+def _lora(model, **extra):
+    """``model`` (a copy) with a peft LoRA adapter on every linear layer, B random so that it matters."""
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **extra))
+    torch.manual_seed(5)
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    return wrapped.eval()
+
+
+def test_lora_model_takes_the_fast_path_as_merged_weights(model):
+    wrapped = _lora(model)
+    assert fastgen.supports(wrapped)
+    ids, mask = _batch([5, 1, 9, 3], seed=4)
+    with torch.no_grad():
+        hf = wrapped(input_ids=ids, attention_mask=mask).logits
+        base = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    ours = fastgen.forward(wrapped, ids, mask)
+    assert (hf - base).abs()[real].max() > 0.1  # the adapter changes the model
+    assert torch.allclose(ours[real], hf[real], atol=1e-4), (ours - hf).abs()[real].max()
+    ref = _hf(wrapped, ids, mask, 12, eos=V + 1, do_sample=False)
+    out = fastgen.generate(wrapped, ids, mask, max_new_tokens=12, eos_token_id=V + 1, pad_token_id=PAD, greedy=True)
+    assert torch.equal(out.tokens, ref)
+    with wrapped.disable_adapter():  # the reference policy: the base model's logits
+        assert torch.allclose(fastgen.forward(wrapped, ids, mask)[real], base[real], atol=1e-4)
+    for name, p in wrapped.named_parameters():  # merged out of place: the base weights are as they were
+        if "base_layer" in name:
+            assert torch.equal(p, dict(model.named_parameters())[name.replace("base_model.model.", "", 1)
+                                                                   .replace(".base_layer", "")]), name
+
+
+def test_lora_variants_fall_back(model):
+    assert not fastgen.supports(_lora(model, use_dora=True))

@@ -25,6 +25,10 @@ the batch once a quarter of it has (``compact``), so the tail of a rollout costs
 live sequences cost. The random stream differs from ``generate``'s (inverse-CDF draws), so
 sampled tokens match it in distribution, not draw for draw; greedy matches token for token.
 
+A peft LoRA model takes this path too: each adapted layer computes with W + B @ A * alpha / r,
+formed out of place once per call (what peft's merge would write; the base weights are not
+touched), so LoRA training samples as fast as full fine-tuning.
+
 ``supports(model)`` says whether a model can take this path; ``generate`` and ``forward``
 raise ``ValueError`` on one that cannot.
 """
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from frugalrl import lora
 
 __all__ = ["supports", "generate", "forward", "FastOutput"]
 
@@ -78,8 +84,14 @@ def _rope_theta(config) -> float | None:
     return None if theta is None else float(theta)
 
 
+def _unwrap(model):
+    """The transformers model inside a peft wrapper (its LoRA layers are then read as merged weights)."""
+    return model.get_base_model() if lora.is_lora(model) else model
+
+
 def _why_unsupported(model) -> str | None:
     """None if ``model`` can take the fast path, else the reason it cannot."""
+    model = _unwrap(model)
     classes = _model_classes()
     if type(model) not in classes:
         return f"{type(model).__name__} is not one of {[c.__name__ for c in classes]}"
@@ -101,8 +113,9 @@ def _why_unsupported(model) -> str | None:
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            if type(lin) is not nn.Linear:  # LoRA, quantised or otherwise wrapped layers
-                return f"{type(lin).__name__} in place of nn.Linear"
+            reason = lora.why_not_mergeable(lin)
+            if reason is not None:
+                return reason
     params = list(model.parameters())
     if any(p.device.type == "meta" for p in params) or len({p.device for p in params}) != 1:
         return "parameters on several devices or on meta"
@@ -146,6 +159,7 @@ class _Net:
         reason = _why_unsupported(model)
         if reason is not None:
             raise ValueError(f"fastgen does not support this model: {reason}")
+        model = _unwrap(model)
         c = model.config
         inner = model.model
         self.n_heads = c.num_attention_heads
@@ -173,16 +187,16 @@ class _Net:
             device=self.device, dtype=torch.float) / d))
 
         def weights(linears):
-            ws = [lin.weight.t() for lin in linears]
+            ws = [lora.merged_linear(lin)[0].t() for lin in linears]
             if len(ws) == 1:
                 return ws[0].contiguous() if fuse else ws[0]
             return torch.cat(ws, 1) if fuse else tuple(ws)
 
         def biases(linears):
-            bs = [lin.bias for lin in linears]
+            bs = [lora.merged_linear(lin)[1] for lin in linears]
             if all(b is None for b in bs):
                 return None
-            bs = [b if b is not None else lin.weight.new_zeros(lin.out_features) for b, lin in zip(bs, linears)]
+            bs = [b if b is not None else self.embed.new_zeros(lin.out_features) for b, lin in zip(bs, linears)]
             return bs[0] if len(bs) == 1 else (torch.cat(bs) if fuse else tuple(bs))
 
         self.layers = []

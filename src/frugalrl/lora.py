@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from frugalrl.rollout import eval_mode
-
-__all__ = ["is_lora", "wrap", "AdapterDisabled", "merged_weights", "load_adapter_weights"]
+__all__ = ["is_lora", "wrap", "AdapterDisabled", "why_not_mergeable", "merged_linear", "merged_weights",
+           "load_adapter_weights"]
 
 
 def _peft():
@@ -71,8 +71,39 @@ class AdapterDisabled:
         self.model = model
 
     def __call__(self, *args, **kwargs):
+        from frugalrl.rollout import eval_mode  # here: rollout imports fastgen, which imports this module
+
         with eval_mode(self.model), self.model.disable_adapter():
             return self.model(*args, **kwargs)
+
+
+def why_not_mergeable(layer) -> str | None:
+    """None if ``layer`` is an ``nn.Linear``, or a peft LoRA layer over one that :func:`merged_linear`
+    reproduces (plain LoRA: no DoRA or other variant, no bias on B); else why not."""
+    if type(layer) is nn.Linear:
+        return None
+    if not type(layer).__module__.startswith("peft.tuners.lora") or type(getattr(layer, "base_layer", None)) is not nn.Linear:
+        return f"{type(layer).__name__} in place of nn.Linear"
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a) for a in adapters):
+        return "a LoRA variant (DoRA, ...)"
+    if any(layer.lora_B[a].bias is not None for a in adapters):
+        return "LoRA with lora_bias"
+    return None
+
+
+def merged_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias) that ``layer``'s forward computes with: an ``nn.Linear``'s own, or for
+    a peft LoRA layer its base weight plus B @ A * alpha / r of each active adapter, out of place
+    (nothing added when its adapters are disabled or already merged into the base weight)."""
+    if type(layer) is nn.Linear:
+        return layer.weight, layer.bias
+    weight = layer.base_layer.weight
+    if not (layer.disable_adapters or layer.merged):
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+    return weight, layer.base_layer.bias
 
 
 @torch.no_grad()
@@ -90,9 +121,7 @@ def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if owner.endswith(".base_layer"):
             owner = owner.removesuffix(".base_layer")
             if leaf == "weight":
-                layer = modules[owner]
-                for adapter in layer.active_adapters:
-                    tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+                tensor = merged_linear(modules[owner])[0].detach()
         yield f"{owner}.{leaf}", tensor
 
 
