@@ -321,6 +321,22 @@ def test_bench_rollout(tmp_path, toy_options, capsys):
     assert (tmp_path / "results" / "rollout.png").stat().st_size > 0
 
 
+def test_bench_profile(tmp_path, toy_options):
+    from frugalrl.profiling import PHASES
+
+    assert main(["bench", "profile", *toy_options, f"output_dir={tmp_path / 'run'}", "rollout.batch_prompts=4",
+                 "bench.skip=1", "bench.steps=2", "bench.top=5", "bench.label=toy"]) == 0
+    summary = _summary(tmp_path)
+    shares = {name: summary[f"profile_toy_{name}_share"] for name in (*PHASES, "other")}
+    # the toy's rewards vary within groups: every phase of the step ran, and none outside the step
+    assert all(shares[name] > 0 for name in ("generate", "reward", "forward", "backward", "optimizer")), shares
+    assert all(share >= 0 for share in shares.values()) and sum(shares.values()) == pytest.approx(1.0)
+    assert summary["profile_toy_step_s"] > 0
+    page = (tmp_path / "results" / "profile-toy.md").read_text()
+    assert "| backward |" in page and "`aten::" in page and "Steps 2-3 of a run" in page
+    assert main(["bench", "profile", *toy_options, "bench.label=Bad-Label"]) == 2
+
+
 def test_bench_peer(tmp_path, toy_options):
     # no skip without trl: `make test` installs the bench extra, and this is the test that TRL really trains
     from frugalrl.config import load_config

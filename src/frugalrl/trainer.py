@@ -48,6 +48,7 @@ from frugalrl.models import (check_prompt_lengths, cpu_threads, load_policy, pol
 from frugalrl.passrate import PassRateEstimator, prompt_embeddings
 from frugalrl.plots import plot_run
 from frugalrl.progress import TrainProgress
+from frugalrl.profiling import phase
 from frugalrl.prompts import format_task
 from frugalrl.rewards import build_reward
 from frugalrl.rollout import Rollout, generate
@@ -364,10 +365,11 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
         rows = sample_rows[share]
         sampling = dict(max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p)
         prompts = [r["prompt"] for r in rows]
-        with sharding.full_weights(model) as whole:  # fsdp: each rank gathers the weights to sample
+        with sharding.full_weights(model) as whole, phase("generate"):  # fsdp: each rank gathers the weights
             rollout = (vllm_engine.generate(whole, prompts, **sampling) if vllm_engine
                        else generate(whole, tokenizer, prompts, uniforms=uniforms, **sampling))
-        rewards = score(task.reward_fn, rows, rollout.texts)
+        with phase("reward"):
+            rewards = score(task.reward_fn, rows, rollout.texts)
         mine = torch.zeros(n, dtype=torch.bool)
         mine[share] = True
         return StepSamples([r["id"] for r in sample_rows], rows, rollout, rewards, dist.gather(rewards), mine, n)
@@ -414,7 +416,8 @@ def _train(cfg: Config, console: Console, task: Task | None, on_step, dist: dist
             batch, rounds = roll_out(plan)
             rollout, rewards, all_rewards = batch.rollout, batch.rewards, batch.all_rewards
             t_gen = time.perf_counter() - t0
-            est = estimator.estimate(all_rewards, batch.ids, step)  # on the global batch
+            with phase("advantages"):
+                est = estimator.estimate(all_rewards, batch.ids, step)  # on the global batch
             # after the estimate, which reads the history as it was before this step
             allocated = allocator.record(rounds, step)
             update = learner.update(rollout, rewards, est.advantages[batch.mine])  # steps the lr schedule too

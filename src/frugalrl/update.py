@@ -36,6 +36,7 @@ from frugalrl import lora, sharding
 from frugalrl.config import Config
 from frugalrl.distributed import Dist
 from frugalrl.losses import LossInputs, LossNorm, build_terms
+from frugalrl.profiling import phase
 from frugalrl.rollout import Rollout, eval_mode, forward_completions
 
 
@@ -154,7 +155,8 @@ class Learner:
         # ranks draw it alike. CleanRL's order: a fresh shuffle per epoch, so mini-batches differ
         # between epochs.
         orders = [torch.randperm(total) if t.mini_batches > 1 else torch.arange(total) for _ in range(t.ppo_epochs)]
-        const, sums = self._constants(rollout, rewards, advantages, keep)
+        with phase("constants"):
+            const, sums = self._constants(rollout, rewards, advantages, keep)
         if sums:  # a collective only where a term reports one
             stats.update({key: value / total for key, value in zip(sums, dist.sum(list(sums.values())))})
         offset = dist.rank * n
@@ -229,11 +231,13 @@ class Learner:
                                     ).logprobs.sum().mul(0.0).backward()
                 continue
             part = rollout.select(micro).trimmed()
-            out = forward_completions(self.model, part, cfg.rollout.temperature,
-                                      entropy=self._any("needs_entropy"), hidden=self._any("needs_hidden"))
-            loss, metrics = self._loss(out, part.completion_mask, const.select(micro, part.completion_mask.shape[1]),
-                                       norm)
-            loss.backward()
+            with phase("forward"):
+                out = forward_completions(self.model, part, cfg.rollout.temperature,
+                                          entropy=self._any("needs_entropy"), hidden=self._any("needs_hidden"))
+                loss, metrics = self._loss(out, part.completion_mask,
+                                           const.select(micro, part.completion_mask.shape[1]), norm)
+            with phase("backward"):
+                loss.backward()
             for key, value in metrics.items():
                 totals[key] += value
         # each rank's figures are its share of the mini-batch's: their sums are the step's
@@ -242,9 +246,10 @@ class Learner:
             return {"loss": 0.0, "grad_norm": 0.0, "bad_step": 0.0}
         totals = dict(zip(totals, sums))
         finite_loss = math.isfinite(totals["loss"])
-        grad_norm = self._clip_and_step(self.model.parameters(), self.optimizer, finite_loss)
-        for params, optimizer in others:
-            self._clip_and_step(params, optimizer, finite_loss)
+        with phase("optimizer"):
+            grad_norm = self._clip_and_step(self.model.parameters(), self.optimizer, finite_loss)
+            for params, optimizer in others:
+                self._clip_and_step(params, optimizer, finite_loss)
         bad = not (finite_loss and math.isfinite(grad_norm))
         return {**totals, "grad_norm": grad_norm, "bad_step": float(bad)}
 

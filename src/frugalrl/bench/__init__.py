@@ -36,6 +36,8 @@ BENCHES = {
             "wall time",
     "tasks": "`frugalrl train` on reasoning-gym tasks nobody tuned for (max_steps=2), each from an empty model "
              "cache: wall time with the warm-up, and how the warm-up ended",
+    "profile": "one training step under torch.profiler: seconds and share of each phase (generate, reward, ..., "
+               "optimizer) and the operators with the most self time",
     "scale": "peak RSS per process of train.strategy=ddp vs fsdp under torchrun (2 processes), on the largest "
              "model that fits comfortably",
 }

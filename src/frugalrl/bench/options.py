@@ -132,6 +132,16 @@ class ScaleOptions(Section):
     results_dir: str = opt("bench/results", "where scale.md and summary.json are written")
 
 
+class ProfileOptions(Section):
+    skip: Int = opt(2, "training steps run before the profiled ones (the first pays for allocation and warm caches)",
+                    ge=1)
+    steps: Int = opt(2, "training steps recorded by the profiler (its table is per step: their mean)", ge=1)
+    top: Int = opt(15, "operators listed, by self time per step", ge=1)
+    label: str = opt("", "written to profile-LABEL.md and summary keys profile_LABEL_* (empty: profile.md, "
+                     "profile_*), so that profiles of several models live side by side", pattern=r"^[a-z0-9_]*$")
+    results_dir: str = opt("bench/results", "where the page and summary.json are written")
+
+
 OPTIONS = {"value": ValueOptions, "grad": GradOptions, "rollout": RolloutOptions, "train": TrainOptions,
            "budget": BudgetOptions, "real": RealOptions, "peer": PeerOptions, "warmup": WarmupOptions,
-           "demo": DemoOptions, "tasks": TasksOptions, "scale": ScaleOptions}
+           "demo": DemoOptions, "tasks": TasksOptions, "scale": ScaleOptions, "profile": ProfileOptions}
