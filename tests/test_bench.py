@@ -628,6 +628,19 @@ def test_bench_real_at_toy_size(tmp_path, toy_options):
     assert "frugalrl bench real" in page and "| kae_j8 | algo.estimator=kae" in page
     assert "mean reward at visits 1..8:" in page and "mean reward at visits 1..4:" in page
     assert "final accuracy ppo - rloo_g4: not run | not run |" in page
+    assert "Reused" not in page
+
+    # bench.resume: finished runs of the same config are reused, an unfinished one runs again
+    (tmp_path / "runs" / "kae_j4-seed1" / "model" / "manifest.json").unlink()
+    before = summary["real_final_accuracy_kae_j8"]
+    assert main(["bench", "real", *toy_options, "data.prompt_template=", f"output_dir={tmp_path / 'runs'}",
+                 f"bench.base_config={base}", "bench.runs=[kae_j8,kae_j4]", "bench.seeds=[0,1]",
+                 "bench.samples=512", "bench.eval_every_samples=256", "bench.resume=true"]) == 0
+    page = (tmp_path / "results" / "real.md").read_text()
+    assert "Reused from an earlier invocation's finished run directories" in page
+    assert "kae_j8 seed 0, kae_j4 seed 0, kae_j8 seed 1." in page
+    assert (tmp_path / "runs" / "kae_j4-seed1" / "model" / "manifest.json").is_file()
+    assert _summary(tmp_path)["real_final_accuracy_kae_j8"] == before
 
 
 def test_bench_real_verdicts():

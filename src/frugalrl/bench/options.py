@@ -82,12 +82,14 @@ class BudgetOptions(Section):
 class RealOptions(Section):
     runs: list[str] = opt(["rloo_g4", "reinforce_g1", "kae_j8", "kae_j4", "ppo", "rloo_pool64", "skip"], "runs to "
                           "make (bench/real.py RUNS)")
-    seeds: list[Int] = opt([0, 1, 2], "seeds of every run")
+    seeds: list[Int] = opt([0, 1], "seeds of every run (~50 minutes a seed alone on 2 cores)")
     samples: Int = opt(1280, "sampled completions each run trains on (64 a step)", ge=64)
     eval_every_samples: Int = opt(320, "held-out accuracy read every N sampled completions", ge=64)
     target_frac: Float = opt(0.9, "skip's target: start + target_frac x (rloo_pool64's final accuracy - start)",
                              gt=0, le=1)
     base_config: str = opt("configs/smollm2-arithmetic.yaml", "the runs' base config (model, task, LoRA, lr, lengths)")
+    resume: bool = opt(False, "reuse the run directories that hold a finished run of the same config (an "
+                       "interrupted bench, or more seeds on top of a finished page); else every run starts afresh")
     results_dir: str = opt("bench/results", "where real.md, real.png and summary.json are written")
 
 

@@ -24,7 +24,8 @@ Protocol of ``frugalrl bench real``:
   ``data.eval_size`` held-out problems). Every run for every seed of ``bench.seeds``,
   interleaved (seed 0 of every run, then seed 1, ...), each in its own process
   (``report.run_child``); the data split is fixed (``data.seed=0``), seeds vary sampling and
-  order only.
+  order only. ``bench.resume=true`` reuses every run directory that holds a finished run of the
+  same config (``finished_run``), and the page lists them.
 * Figures: ``real_final_accuracy_<run>``: the last reading, mean over seeds with its 95 % t
   interval; deltas between runs are paired by seed (mean of the per-seed differences, t
   interval), ``real_final_accuracy_delta_kae_j8_vs_j4`` among them. Completions to target
@@ -46,7 +47,8 @@ from frugalrl.bench.options import RealOptions
 from frugalrl.bench.report import publish, run_child, table
 from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
 from frugalrl.bench.train import RunRecord, _plot, _record, fresh_runs, whole_steps
-from frugalrl.config import apply_overrides, save_config
+from frugalrl.checkpoint import MANIFEST
+from frugalrl.config import apply_overrides, load_config, save_config
 from frugalrl.models import resolve_model_path
 from frugalrl.recovery import read_metrics
 
@@ -79,6 +81,14 @@ DELTAS = [
     ("skip", "rloo_pool64", 0, "skip keeps RLOO's final accuracy (budget.md: -0.013, interval -0.03..0)"),
 ]
 SKIP_PAIR = ("skip", "rloo_pool64")
+
+
+def finished_run(run_dir: Path, cfg) -> bool:
+    """Whether ``run_dir`` holds a run of exactly ``cfg`` that ended well (``bench.resume``): its
+    final model complete (the manifest is written last) and its peak RSS recorded."""
+    config = run_dir / "bench-config.yaml"
+    return (config.is_file() and load_config(config) == cfg and (run_dir / "model" / MANIFEST).is_file()
+            and (run_dir / "train.log.peak_mb").is_file())
 
 
 def _delta(records: dict[str, list[RunRecord]], a: str, b: str) -> Estimate | None:
@@ -168,14 +178,28 @@ def run(cfg, opts: RealOptions, command: str, console: Console) -> dict:
     shares: dict[str, list[float]] = {label: [] for label in opts.runs}
     blocks: dict[str, list[list[float]]] = {}
     jobs = [(seed, label) for seed in opts.seeds for label in opts.runs]
-    for seed, label, run_dir in fresh_runs("bench real", jobs, out_root, console):
+
+    def run_config(seed: int, label: str, run_dir: Path):
         run_cfg, steps, every = plans[label]
-        # the run's whole config in a file of its own: the child reads exactly what was checked here
-        save_config(apply_overrides(run_cfg, [f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
-                                              f"output_dir={run_dir}", f"max_steps={steps}", f"eval_every={every}"]),
-                    run_dir / "bench-config.yaml")
-        seconds, rss = run_child("frugalrl.cli", ["train", "--config", str(run_dir / "bench-config.yaml")],
-                                 run_dir / "train.log")
+        return apply_overrides(run_cfg, [f"model.name_or_path={json.dumps(str(model))}", f"seed={seed}",
+                                         f"output_dir={run_dir}", f"max_steps={steps}", f"eval_every={every}"])
+
+    def finished(seed: int, label: str, run_dir: Path) -> bool:
+        return opts.resume and finished_run(run_dir, run_config(seed, label, run_dir))
+
+    reused = []
+    for seed, label, run_dir in fresh_runs("bench real", jobs, out_root, console, keep=finished):
+        run_cfg = plans[label][0]
+        if finished(seed, label, run_dir):
+            reused.append(f"{label} seed {seed}")
+            # its process's seconds are not kept; this page does not use them (training time is the run's own)
+            seconds, rss = float("nan"), float((run_dir / "train.log.peak_mb").read_text())
+            console.print(f"bench real: {label} seed {seed}: the finished run in {run_dir} is reused")
+        else:
+            # the run's whole config in a file of its own: the child reads exactly what was checked here
+            save_config(run_config(seed, label, run_dir), run_dir / "bench-config.yaml")
+            seconds, rss = run_child("frugalrl.cli", ["train", "--config", str(run_dir / "bench-config.yaml")],
+                                     run_dir / "train.log")
         records[label].append(_record(label, seed, run_dir, seconds, rss))
         shares[label].append(_gen_share(run_dir))
         if run_cfg.data.sticky_steps > 1:
@@ -222,6 +246,8 @@ def run(cfg, opts: RealOptions, command: str, console: Console) -> dict:
         f"tokens at temperature {b.rollout.temperature:g}). Accuracy is read before training, every "
         f"{opts.eval_every_samples} completions and at the end. Means over seeds, [95 % t interval]; deltas "
         "paired by seed. Protocol: `src/frugalrl/bench/real.py`.",
+        *([f"Reused from an earlier invocation's finished run directories (`bench.resume=true`; the wall time "
+           f"above is this invocation's alone): {', '.join(reused)}."] if reused else []),
         table(["run", "options on the base", "steps x completions", "final accuracy", "training time (s)",
                "generation share", "peak RSS (MB)"], rows),
         "![accuracy against training time and completions](real.png)",

@@ -249,17 +249,19 @@ def _record(label: str, seed: int, run_dir: Path, process_s: float, rss: float, 
                      steps[0]["eval_prompts"], **stage1)
 
 
-def fresh_runs(title: str, jobs: list[tuple[int, str]], out_root: Path, console: Console):
+def fresh_runs(title: str, jobs: list[tuple[int, str]], out_root: Path, console: Console, keep=None):
     """For each (seed, label) of ``jobs`` in order, an empty run directory ``out_root/LABEL-seedSEED``
-    (an earlier one removed): yields (seed, label, run_dir) under a progress bar titled ``title``."""
+    (an earlier one removed, unless ``keep(seed, label, run_dir)`` says it holds a finished run to
+    reuse): yields (seed, label, run_dir) under a progress bar titled ``title``."""
     with Progress(TextColumn(f"[bold]{title}[/] {{task.fields[run]}}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("runs", total=len(jobs), run="")
         for seed, label in jobs:
             progress.update(bar, run=f"{label} seed {seed}")
             run_dir = out_root / f"{label}-seed{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
+            if keep is None or not keep(seed, label, run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
             yield seed, label, run_dir
             progress.update(bar, advance=1)
 
