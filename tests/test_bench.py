@@ -314,11 +314,21 @@ def test_bench_rollout(tmp_path, toy_options, capsys):
     assert int(found[3]) <= elapsed + 0.5
     summary = _summary(tmp_path)
     for key in ("rollout_fastgen_vs_hf", "rollout_fraction_of_ceiling", "rollout_fastgen_tok_s_b4",
-                "rollout_hf_tok_s_b8"):
+                "rollout_hf_tok_s_b8", "rollout_train_tok_s"):
         assert summary[key] > 0
+    assert 0 < summary["rollout_train_fraction_of_ceiling"] < 1.5  # of a ceiling measured in the same run
     page = (tmp_path / "results" / "rollout.md").read_text()
     assert "frugalrl bench rollout" in page and "| 4 |" in page and "| 8 |" in page
+    assert "Training (the 8 prompts with their completions" in page
     assert (tmp_path / "results" / "rollout.png").stat().st_size > 0
+
+    # a labelled page beside it: its own file and LABEL_ keys; the unlabelled keys stay as they were
+    assert main(["bench", "rollout", *toy_options, "bench.batches=[4]", "bench.rounds=1", "bench.new_tokens=6",
+                 "bench.matmul_size=64", "bench.label=real"]) == 0
+    labelled = _summary(tmp_path)
+    assert labelled["real_rollout_ceiling_fraction"] > 0 and labelled["real_train_ceiling_fraction"] > 0
+    assert labelled["rollout_hf_tok_s_b8"] == summary["rollout_hf_tok_s_b8"]
+    assert (tmp_path / "results" / "rollout-real.md").is_file() and (tmp_path / "results" / "rollout-real.png").is_file()
 
 
 def test_bench_profile(tmp_path, toy_options):

@@ -38,7 +38,9 @@ class RolloutOptions(Section):
                           ge=1)
     rounds: Int = opt(5, "alternating fastgen / Hugging Face rounds per batch size (median reported)", ge=1)
     matmul_size: Int = opt(2048, "n of the n x n matmul timed for the machine's FLOP/s", ge=16)
-    results_dir: str = opt("bench/results", "where rollout.md, rollout.png and summary.json are written")
+    label: str = opt("", "written to rollout-LABEL.md and summary keys LABEL_* (empty: rollout.md and the "
+                     "rollout_* keys), e.g. real for SmolLM2", pattern=r"^[a-z0-9_]*$")
+    results_dir: str = opt("bench/results", "where the page, its plot and summary.json are written")
 
 
 class TrainOptions(Section):

@@ -17,6 +17,16 @@ Protocol of ``frugalrl bench rollout``:
   (lm_head) + 4 x layers x attention width x mean context (scores and their weighted sum over
   prompt + new_tokens / 2 positions). A small model's decode step is far from matmul-bound, so
   ``rollout_fraction_of_ceiling`` says how much of the machine's arithmetic becomes tokens.
+* Training: the largest batch's prompts with their fastgen completions, through the training
+  forward pass (``rollout.forward_completions``, as the update makes it) and its backward, in
+  micro-batches of ``train.micro_batch``, ``bench.rounds`` times after one warm-up. Trained
+  tokens/s counts every real token of the sequences (prompt and completion: both go through
+  forward and backward); its ceiling is the matmul FLOP/s over 6 x N FLOPs per token (N = the
+  model's parameters), so ``rollout_train_fraction_of_ceiling`` is the training's share of the
+  machine's arithmetic.
+* ``bench.label`` (e.g. ``real`` for SmolLM2) writes ``rollout-LABEL.md`` and summary keys
+  ``LABEL_rollout_ceiling_fraction`` and ``LABEL_train_ceiling_fraction`` (plus LABEL-prefixed
+  tokens/s), so that several models' pages live side by side.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from frugalrl import fastgen
 from frugalrl.bench.options import RolloutOptions
 from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
-from frugalrl.rollout import encode_prompts
+from frugalrl.rollout import encode_prompts, forward_completions, make_rollout
 from frugalrl.trainer import load_inputs, set_seed
 
 TRAIN_DEFAULTS: list[str] = []
@@ -79,6 +89,26 @@ def _time_call(fn, device: torch.device, tokens: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def train_tokens_per_s(model, rollout, micro_batch: int, rounds: int, device: torch.device) -> float:
+    """Median tokens/s (prompt and completion tokens) of the training forward and backward over
+    ``rollout`` in micro-batches of ``micro_batch``, over ``rounds`` timed passes after a warm-up."""
+    tokens = int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
+    model.train()
+    speeds = []
+    for i in range(rounds + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        for start in range(0, len(rollout), micro_batch):
+            part = rollout.select(slice(start, start + micro_batch)).trimmed()
+            forward_completions(model, part).logprobs.sum().backward()
+        _sync(device)
+        if i:  # the first pass warms the allocator
+            speeds.append(tokens / (time.perf_counter() - t0))
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    return statistics.median(speeds)
+
+
 def _samplers(model, enc: dict, T: int, pad_id: int, temperature: float, top_p: float) -> dict:
     """The two samplers as calls that continue the prompts ``enc`` by exactly T tokens each."""
     def fast():
@@ -116,7 +146,7 @@ def _plot(batches: list[int], fast: dict, hf: dict, ceiling: float, path: Path, 
 
 
 def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> dict:
-    """Measure, write rollout.md and rollout.png, merge the headline numbers into summary.json
+    """Measure, write rollout.md and rollout.png (or rollout-LABEL.*), merge the headline numbers into summary.json
     and return them."""
     set_seed(cfg.seed)
     task, model, tokenizer, _ = load_inputs(cfg, console)
@@ -145,18 +175,33 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         fast[B], hf[B] = statistics.median(speeds["fast"]), statistics.median(speeds["hf"])
         console.print(f"rollout bench: {B} prompts x {T} tokens: fastgen {fast[B]:,.0f} tok/s, HF {hf[B]:,.0f} tok/s")
 
+    top = batches[-1]
+    with torch.no_grad():
+        new = samplers["fast"]()  # the largest batch's encoding and samplers are the loop's last
+    trained = train_tokens_per_s(model, make_rollout(tokenizer, enc, new, []), cfg.train.micro_batch, opts.rounds,
+                                 device)
+    params = sum(p.numel() for p in model.parameters())
     flops = matmul_flops(opts.matmul_size, param.dtype, device)
     ceiling = {B: flops / flops_per_token(model, context[B]) for B in batches}
-    top = batches[-1]
-    summary = {"rollout_fastgen_vs_hf": fast[top] / hf[top], "rollout_fraction_of_ceiling": fast[top] / ceiling[top],
-               "rollout_matmul_gflop_s": flops / 1e9,
-               **{f"rollout_fastgen_tok_s_b{B}": fast[B] for B in batches},
-               **{f"rollout_hf_tok_s_b{B}": hf[B] for B in batches}}
+    train_ceiling = flops / (6 * params)
+    console.print(f"rollout bench: training forward and backward: {trained:,.0f} tok/s "
+                  f"({trained / train_ceiling:.2f} of the ceiling)")
+    fractions = {"rollout": fast[top] / ceiling[top], "train": trained / train_ceiling}
+    if opts.label:
+        summary = {**{f"{opts.label}_{k}_ceiling_fraction": v for k, v in fractions.items()},
+                   f"{opts.label}_rollout_fastgen_vs_hf": fast[top] / hf[top],
+                   f"{opts.label}_rollout_fastgen_tok_s": fast[top], f"{opts.label}_train_tok_s": trained}
+    else:  # the embedded model's keys, as they have always been named
+        summary = {"rollout_fastgen_vs_hf": fast[top] / hf[top], "rollout_fraction_of_ceiling": fractions["rollout"],
+                   "rollout_train_fraction_of_ceiling": fractions["train"], "rollout_train_tok_s": trained,
+                   "rollout_matmul_gflop_s": flops / 1e9,
+                   **{f"rollout_fastgen_tok_s_b{B}": fast[B] for B in batches},
+                   **{f"rollout_hf_tok_s_b{B}": hf[B] for B in batches}}
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    params = sum(p.numel() for p in model.parameters())
+    name = f"rollout-{opts.label}" if opts.label else "rollout"
     title = f"{params / 1e6:.2f} M-parameter model, {T} new tokens, {param.dtype}, {device}"
-    _plot(batches, fast, hf, ceiling[top], results_dir / "rollout.png", title)
+    _plot(batches, fast, hf, ceiling[top], results_dir / f"{name}.png", title)
     rows = [[str(B), f"{fast[B]:,.0f}", f"{hf[B]:,.0f}", fmt(fast[B] / hf[B], 3), f"{ceiling[B]:,.0f}",
              fmt(fast[B] / ceiling[B], 3)] for B in batches]
     sections = [
@@ -167,6 +212,10 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         f"Ceiling: measured {param.dtype} matmul {flops / 1e9:.1f} GFLOP/s ({opts.matmul_size}^2 matrices) / "
         f"{flops_per_token(model, context[top]) / 1e6:.2f} MFLOP per generated token at mean context "
         f"{context[top]:.0f}.",
+        f"Training (the {top} prompts with their completions, forward and backward in micro-batches of "
+        f"{cfg.train.micro_batch}, median of {opts.rounds}): {trained:,.0f} tokens/s against a ceiling of "
+        f"{train_ceiling:,.0f} (6 x {params / 1e6:.1f} M FLOPs per token): **{fractions['train']:.2f}** of it. "
+        f"Generation at {top} prompts: **{fractions['rollout']:.2f}** of its ceiling.",
     ]
-    return publish(results_dir, "rollout", "Rollout bench: generation throughput", command, sections, summary,
-                   console)
+    return publish(results_dir, name, "Rollout bench: generation and training throughput", command, sections,
+                   summary, console)
