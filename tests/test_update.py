@@ -262,8 +262,11 @@ def test_old_logprobs_come_from_eval_mode_and_the_first_ratio_is_one(tiny_model_
                         log_ratio(lp, other))
     rollout = make_rollout(tokenizer)
     sampler = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5).eval()
+    kept = (ADVANTAGES != 0).nonzero().flatten()
+    lengths = (rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1))[kept]
+    kept = kept[torch.argsort(lengths, stable=True)]  # the update takes its samples in order of length
     with torch.no_grad():
-        expected_old = forward_completions(sampler, rollout.select(ADVANTAGES != 0).trimmed(), 0.7).logprobs
+        expected_old = forward_completions(sampler, rollout.select(kept).trimmed(), 0.7).logprobs
     learner.update(rollout, REWARDS, ADVANTAGES)
     (first, first_old), (_, second_old) = ratios
     assert torch.equal(first, first_old)

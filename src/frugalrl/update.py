@@ -192,7 +192,7 @@ class Learner:
             const.ref_logprobs = torch.zeros_like(mask)
         for term in self.terms:
             term.begin(const, mask)
-        for index in self._passes(keep.nonzero().flatten()):
+        for index in self._passes(keep.nonzero().flatten(), rollout):
             dummy = index is None  # its outputs are dropped (``_passes``)
             part = rollout.select([0] if dummy else index).trimmed()
             width = part.completion_mask.shape[1]
@@ -225,7 +225,7 @@ class Learner:
         for optimizer in [self.optimizer, *(opt for _, opt in others)]:
             optimizer.zero_grad(set_to_none=True)
         totals = dict.fromkeys(self.metric_names, 0.0)
-        for micro in self._passes(index):
+        for micro in self._passes(index, rollout):
             if micro is None:  # a pass with zero loss, for FSDP's collectives (``_passes``)
                 forward_completions(self.model, rollout.select([0]).trimmed(), cfg.rollout.temperature
                                     ).logprobs.sum().mul(0.0).backward()
@@ -269,16 +269,21 @@ class Learner:
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _passes(self, index: Tensor) -> list[Tensor | None]:
+    def _passes(self, index: Tensor, rollout: Rollout) -> list[Tensor | None]:
         """The micro-batches of ``index`` (``train.micro_batch`` samples each), then, under
         train.strategy=fsdp, as many ``None`` as this rank has fewer than the rank with the most.
+
+        The samples are taken in order of length (prompt and completion tokens), so that each
+        micro-batch, trimmed to its longest sequence, carries little padding; the sum of their
+        gradients is the same in any order, up to round-off.
 
         FSDP gathers each layer's weights in every forward pass and reduce-scatters its
         gradients in every backward: collectives that every rank must join. After filtering
         the ranks keep different numbers of samples, so a rank with fewer micro-batches makes
         dummy passes (a sample of its rollout, zero loss, outputs dropped) to match.
         """
-        batches = list(_micro_batches(index, self.cfg.train.micro_batch))
+        lengths = (rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1))[index]
+        batches = list(_micro_batches(index[torch.argsort(lengths, stable=True)], self.cfg.train.micro_batch))
         if not self.sharded:
             return batches
         most = int(self.dist.max([len(batches)])[0])
