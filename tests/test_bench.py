@@ -663,6 +663,9 @@ def test_bench_real_verdicts():
     assert verdict(Estimate(-0.05, -0.09, -0.01, 3), 1) == "reversed"
     assert verdict(Estimate(0.05, -0.01, 0.11, 3), 1).startswith("not resolved")
     assert verdict(Estimate(-0.05, -0.09, -0.01, 3), -1) == "holds"
+    assert verdict(Estimate(0.02, -0.32, 0.37, 2), -1).startswith("not resolved")  # the toy found < 0
+    assert verdict(Estimate(0.05, 0.01, 0.09, 3), -1) == "reversed"
+    assert verdict(Estimate(-0.02, -0.02, -0.02, 2), -1).startswith("not resolved")  # two seeds that agree exactly
     assert verdict(Estimate(0.01, -0.02, 0.04, 3), 0).startswith("holds")
     assert verdict(Estimate(0.05, 0.01, 0.09, 3), 0) == "does not hold"
     assert verdict(Estimate(0.05, 0.05, 0.05, 1), 1) == "one seed: no verdict" and verdict(None, 1) == "not run"

@@ -127,11 +127,14 @@ def verdict(estimate: Estimate | None, sign: int) -> str:
         return "not run"
     if estimate.n < 2:
         return "one seed: no verdict"
+    if estimate.low == estimate.high:  # every seed gave the same difference (readings are multiples of 1/N)
+        return "not resolved (every seed gives the same difference: no spread for an interval)"
     if sign == 0:
         return "holds (interval includes 0)" if estimate.low <= 0 <= estimate.high else "does not hold"
-    if sign * estimate.low > 0:
+    near, far = sorted((sign * estimate.low, sign * estimate.high))  # the interval in the toy's direction
+    if near > 0:
         return "holds"
-    return "reversed" if sign * estimate.high < 0 else "not resolved (interval includes 0)"
+    return "reversed" if far < 0 else "not resolved (interval includes 0)"
 
 
 def conclusions(records: dict[str, list[RunRecord]], shares: dict[str, list[float]],
