@@ -669,3 +669,9 @@ def test_bench_real_verdicts():
     assert verdict(Estimate(0.01, -0.02, 0.04, 3), 0).startswith("holds")
     assert verdict(Estimate(0.05, 0.01, 0.09, 3), 0) == "does not hold"
     assert verdict(Estimate(0.05, 0.05, 0.05, 1), 1) == "one seed: no verdict" and verdict(None, 1) == "not run"
+
+    from frugalrl.bench.real import conclusions  # skip never reaching the target is a finding, not a blank
+
+    rows = conclusions({}, {}, {}, None, [(None, 640.0), (None, 960.0)])
+    assert ["target not reached within the budget: skip in 2 of 2 seeds, rloo_pool64 in 0 of 2",
+            "does not hold"] == rows[-1][1:]

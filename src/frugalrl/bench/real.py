@@ -138,15 +138,21 @@ def verdict(estimate: Estimate | None, sign: int) -> str:
 
 
 def conclusions(records: dict[str, list[RunRecord]], shares: dict[str, list[float]],
-                blocks: dict[str, list[list[float]]], skip_samples: Estimate | None) -> list[list[str]]:
+                blocks: dict[str, list[list[float]]], skip_samples: Estimate | None,
+                skip_crossings: list[tuple[float | None, float | None]] = ()) -> list[list[str]]:
     """The toy benches' conclusions (bench/results/train.md, budget.md, the kae preset, MEASURED)
     against this bench's figures: [what the toy showed, the figure on SmolLM2, holds?]."""
     rows = [[toy, f"final accuracy {a} - {b}: {_cell(_delta(records, a, b))}", verdict(_delta(records, a, b), sign)]
             for a, b, sign, toy in DELTAS]
+    claim = "skip reaches uniform RLOO's target with fewer completions (budget.md: 0.81x)"
     if skip_samples is not None:  # the ratio's distance from 1, so that verdict reads it as a difference
         below_one = Estimate(skip_samples.value - 1, skip_samples.low - 1, skip_samples.high - 1, skip_samples.n)
-        rows.append(["skip reaches uniform RLOO's target with fewer completions (budget.md: 0.81x)",
-                     f"completions to target, skip / rloo_pool64: {skip_samples}", verdict(below_one, -1)])
+        rows.append([claim, f"completions to target, skip / rloo_pool64: {skip_samples}", verdict(below_one, -1)])
+    elif skip_crossings:  # some run never reached the target: no ratio, but a count
+        missed = [sum(pair[i] is None for pair in skip_crossings) for i in (0, 1)]
+        n = len(skip_crossings)
+        rows.append([claim, f"target not reached within the budget: skip in {missed[0]} of {n} seeds, rloo_pool64 in "
+                     f"{missed[1]} of {n}", "does not hold" if missed[0] > missed[1] else "not resolved"])
     for label, curves in blocks.items():
         if curves and all(curves):
             mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
@@ -219,7 +225,7 @@ def run(cfg, opts: RealOptions, command: str, console: Console) -> dict:
         delta = _delta(records, a, b)
         summary.update(delta.as_summary(key) if delta else dict.fromkeys([key, f"{key}_ci_low", f"{key}_ci_high"]))
     skip, uniform = SKIP_PAIR
-    target, skip_samples = None, None
+    target, skip_samples, pairs = None, None, []
     if skip in records and uniform in records:
         target = start + opts.target_frac * (statistics.fmean(r.final for r in records[uniform]) - start)
         pairs = [(crossing(x.curve, target, 1), crossing(y.curve, target, 1))
@@ -256,7 +262,7 @@ def run(cfg, opts: RealOptions, command: str, console: Console) -> dict:
         "![accuracy against training time and completions](real.png)",
         "## Which conclusions of the toy benches hold on SmolLM2\n\n"
         + table(["on the embedded 1 M model", "on SmolLM2-135M", "holds?"],
-                conclusions(records, shares, blocks, skip_samples)),
+                conclusions(records, shares, blocks, skip_samples, pairs)),
     ]
     return publish(results_dir, "real", "Real-model bench: SmolLM2-135M-Instruct", command, sections, summary,
                    console)
