@@ -124,3 +124,15 @@ def test_console_script_help_lists_every_command():
 def test_cli_debug_shows_the_error_itself():
     with pytest.raises(ConfigError, match="algo.estimator"):
         main(["train", "--debug", "estimator=kae"])
+
+
+def test_key_value_pairs_on_either_side_of_config():
+    from frugalrl.cli import _parse
+
+    args = _parse(["bench", "rollout", "a=0", "--config", "c.yaml", "b=1", "c=2"])
+    assert (args.bench, args.config, args.overrides) == ("rollout", "c.yaml", ["a=0", "b=1", "c=2"])
+    assert _parse(["train", "--config", "c.yaml", "max_steps=3"]).overrides == ["max_steps=3"]
+    for wrong in (["bench", "rollout", "--config", "c.yaml", "--bogus"], ["bench", "rollout", "--config", "c.yaml",
+                                                                          "word"]):
+        with pytest.raises(SystemExit):
+            _parse(wrong)

@@ -150,8 +150,20 @@ def _run(args, console: Console) -> int:
     raise AssertionError(args.command)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with key=value pairs allowed on either side of ``--config``: argparse
+    would give a command's positionals (``bench NAME`` and the pairs) only the words before it."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(w.startswith("-") or "=" not in w for w in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening; HF's per-file bars are noise
