@@ -89,6 +89,25 @@ def test_warmup_stops_at_its_time_limit(tmp_path, scripted_accuracy):
     assert "its time limit (model.sft_max_wall_s=1e-06)" in " ".join(out.split())
 
 
+def test_a_warmup_the_clock_cut_short_is_not_reused(tmp_path, scripted_accuracy):
+    """Stopped by time short of the target (a busy machine), the cached warm-up is warmed up again by
+    the next run; one that ran its course (here: its step cap) is reused."""
+    calls = scripted_accuracy([0.05] * 20)
+    options = [*SMALL, f"model.cache_dir={tmp_path}", "model.sft_steps=4", "model.sft_eval_every=2",
+               "model.sft_target_accuracy=0.3"]
+    clocked = load_config(None, [*options, "model.sft_max_wall_s=1e-6"])
+    path = models.resolve_model_path(clocked, Console(record=True))
+    assert models.sft_info(path)["stopped"] == "time" and len(calls) == 2
+    console = Console(record=True, width=300)
+    assert models.resolve_model_path(clocked, console) == path and len(calls) == 4  # warmed up again
+    assert "stopped on its time limit (model.sft_max_wall_s=1e-06) after 1 steps" in console.export_text()
+    capped = load_config(None, options)
+    path = models.resolve_model_path(capped, Console(record=True))
+    assert models.sft_info(path)["stopped"] == "steps" and len(calls) == 7  # two checks and the eval split
+    models.resolve_model_path(capped, Console(record=True))
+    assert len(calls) == 7  # reused
+
+
 def test_warmup_that_hits_its_cap_says_so(tmp_path, scripted_accuracy):
     scripted_accuracy([0.05] * 10)
     info, out = warm_up(tmp_path, ["model.sft_steps=4", "model.sft_eval_every=2", "model.sft_target_accuracy=0.3"])

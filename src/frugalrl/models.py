@@ -78,7 +78,8 @@ def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) ->
     seed (700 steps gave 0.30, 0.18, 0.04, 0.15 for seeds 0-3), and RL from a warm-up that has
     not learnt the format gets no signal. A warm-up that stops short of the target is saved all
     the same, and RL starts from it: a task whose answers the model cannot learn to the target
-    (or not in the time) still trains.
+    (or not in the time) still trains. One that the clock stopped short of the target is
+    provisional: ``resolve_model_path`` warms up again rather than reuse it.
     """
     console = console or Console()
     tokenizer = embedded.build_tokenizer()
@@ -177,8 +178,20 @@ def resolve_model_path(cfg, console: Console | None = None) -> Path:
                              f"{', '.join(gguf_models.SHIPPED)}), or leave it empty for the embedded model")
         return path
     path = embedded_sft_path(cfg)
-    if not checkpoint.is_complete(path):
+    info = sft_info(path) if checkpoint.is_complete(path) else None
+    if info is None:
         (console or Console()).print(f"embedded model not cached yet: building it in {path}")
+        build_embedded_sft(cfg, path, console)
+    elif info["stopped"] == "time" and not info["reached_target"]:
+        # Provisional: the run that built it used it, but a warm-up cut short by the clock may only
+        # say that the machine was busy (measured: 56 steps in 280 s at check accuracy 0.00 beside
+        # a benchmark, where a quiet machine reaches the target in ~900 steps), and cached it would
+        # hand every later run a model that cannot answer.
+        (console or Console()).print(
+            f"[bold yellow]the cached warm-up in {path} stopped on its time limit (model.sft_max_wall_s="
+            f"{info['max_wall_s']:g}) after {info['sft_steps']} steps at check accuracy {info['check_accuracy']:.3f}, "
+            f"short of its target {info['target_accuracy']:g}[/]: warming up again (raise model.sft_max_wall_s, "
+            "0 = no limit, if this machine needs longer)")
         build_embedded_sft(cfg, path, console)
     return path
 
