@@ -90,17 +90,23 @@ def test_warmup_stops_at_its_time_limit(tmp_path, scripted_accuracy):
 
 
 def test_a_warmup_the_clock_cut_short_is_not_reused(tmp_path, scripted_accuracy):
-    """Stopped by time short of the target (a busy machine), the cached warm-up is warmed up again by
-    the next run; one that ran its course (here: its step cap) is reused."""
+    """Stopped by time short of the target (a busy machine?), the cached warm-up is warmed up once more
+    by the next process, then kept; one that ran its course (here: its step cap) is reused."""
     calls = scripted_accuracy([0.05] * 20)
     options = [*SMALL, f"model.cache_dir={tmp_path}", "model.sft_steps=4", "model.sft_eval_every=2",
                "model.sft_target_accuracy=0.3"]
     clocked = load_config(None, [*options, "model.sft_max_wall_s=1e-6"])
     path = models.resolve_model_path(clocked, Console(record=True))
     assert models.sft_info(path)["stopped"] == "time" and len(calls) == 2
+    assert models.resolve_model_path(clocked, Console(record=True)) == path and len(calls) == 2  # its own run's
+    models._WARMED_HERE.clear()  # as a later process finds it
     console = Console(record=True, width=300)
     assert models.resolve_model_path(clocked, console) == path and len(calls) == 4  # warmed up again
     assert "stopped on its time limit (model.sft_max_wall_s=1e-06) after 1 steps" in console.export_text()
+    models._WARMED_HERE.clear()
+    console = Console(record=True, width=300)
+    assert models.resolve_model_path(clocked, console) == path and len(calls) == 4  # twice short: kept
+    assert "short of its target 0.3, twice: used as it is" in console.export_text()
     capped = load_config(None, options)
     path = models.resolve_model_path(capped, Console(record=True))
     assert models.sft_info(path)["stopped"] == "steps" and len(calls) == 7  # two checks and the eval split

@@ -65,7 +65,7 @@ def sft_split(rows: list[dict], size: int) -> tuple[list[dict], list[dict]]:
     return rows[:len(rows) - n], rows[len(rows) - n:]
 
 
-def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) -> dict:
+def build_embedded_sft(cfg, path: str | Path, console: Console | None = None, again: bool = False) -> dict:
     """Build the embedded model, warm it up on the task's worked solutions (its "solution"
     column), save it atomically to ``path`` with ``sft_info.json``; returns that info.
 
@@ -79,7 +79,8 @@ def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) ->
     not learnt the format gets no signal. A warm-up that stops short of the target is saved all
     the same, and RL starts from it: a task whose answers the model cannot learn to the target
     (or not in the time) still trains. One that the clock stopped short of the target is
-    provisional: ``resolve_model_path`` warms up again rather than reuse it.
+    provisional: a later process's ``resolve_model_path`` warms up once more (``again``) rather
+    than reuse it, since the clock may only have measured a busy machine.
     """
     console = console or Console()
     tokenizer = embedded.build_tokenizer()
@@ -135,11 +136,12 @@ def build_embedded_sft(cfg, path: str | Path, console: Console | None = None) ->
             "reached_target": reached, "stopped": stopped, "patience": m.sft_patience,
             "max_wall_s": m.sft_max_wall_s, "seconds": round(seconds, 1), "curve": curve,
             "eval_accuracy": accuracy(task.eval_rows, cfg.rollout.max_new_tokens), "data": config_to_dict(cfg.data),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()), "again": again}
     with checkpoint.atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "sft_info.json").write_text(json.dumps(info, indent=1))
+    _WARMED_HERE.add(Path(path))
     why = {"target": f"its target (model.sft_target_accuracy={m.sft_target_accuracy:g})",
            "patience": f"its patience (model.sft_patience={m.sft_patience} checks without a new best)",
            "time": f"its time limit (model.sft_max_wall_s={m.sft_max_wall_s:g})",
@@ -165,6 +167,11 @@ def sft_info(path: str | Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+# The warm-ups this process built: its own provisional one it keeps using (a run resolves its model
+# more than once), where a later process would warm up again.
+_WARMED_HERE: set[Path] = set()
+
+
 def resolve_model_path(cfg, console: Console | None = None) -> Path:
     """The directory to load: ``model.name_or_path``, the dequantised copy of a GGUF model
     (``gguf_models``), or the cached embedded SFT model (built first when missing or incomplete)."""
@@ -182,17 +189,22 @@ def resolve_model_path(cfg, console: Console | None = None) -> Path:
     if info is None:
         (console or Console()).print(f"embedded model not cached yet: building it in {path}")
         build_embedded_sft(cfg, path, console)
-    elif info["stopped"] == "time" and not info["reached_target"]:
+    elif info["stopped"] == "time" and not info["reached_target"] and path not in _WARMED_HERE:
         # Provisional: the run that built it used it, but a warm-up cut short by the clock may only
         # say that the machine was busy (measured: 56 steps in 280 s at check accuracy 0.00 beside
         # a benchmark, where a quiet machine reaches the target in ~900 steps), and cached it would
-        # hand every later run a model that cannot answer.
-        (console or Console()).print(
-            f"[bold yellow]the cached warm-up in {path} stopped on its time limit (model.sft_max_wall_s="
-            f"{info['max_wall_s']:g}) after {info['sft_steps']} steps at check accuracy {info['check_accuracy']:.3f}, "
-            f"short of its target {info['target_accuracy']:g}[/]: warming up again (raise model.sft_max_wall_s, "
-            "0 = no limit, if this machine needs longer)")
-        build_embedded_sft(cfg, path, console)
+        # hand every later run a model that cannot answer. Once more only: a task that the model
+        # cannot learn in the time would otherwise pay for a warm-up on every run.
+        what = (f"the cached warm-up in {path} stopped on its time limit (model.sft_max_wall_s={info['max_wall_s']:g}) "
+                f"after {info['sft_steps']} steps at check accuracy {info['check_accuracy']:.3f}, short of its target "
+                f"{info['target_accuracy']:g}")
+        if info.get("again"):
+            (console or Console()).print(f"[yellow]{what}, twice[/]: used as it is (delete that directory to warm "
+                                         "up again on a quiet machine, or raise model.sft_max_wall_s, 0 = no limit)")
+        else:
+            (console or Console()).print(f"[bold yellow]{what}[/]: warming up once more, in case the machine was busy "
+                                         "(raise model.sft_max_wall_s, 0 = no limit, if it needs longer)")
+            build_embedded_sft(cfg, path, console, again=True)
     return path
 
 
