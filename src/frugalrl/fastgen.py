@@ -186,28 +186,26 @@ class _Net:
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(
             device=self.device, dtype=torch.float) / d))
 
-        def weights(linears):
-            ws = [lora.merged_linear(lin)[0].t() for lin in linears]
-            if len(ws) == 1:
-                return ws[0].contiguous() if fuse else ws[0]
-            return torch.cat(ws, 1) if fuse else tuple(ws)
-
-        def biases(linears):
-            bs = [lora.merged_linear(lin)[1] for lin in linears]
+        def params(linears):
+            """(weight, bias) of the layers' outputs side by side, each layer's read once (a LoRA
+            layer's merge costs a matmul)."""
+            pairs = [lora.merged_linear(lin) for lin in linears]
+            ws = [w.t() for w, _ in pairs]
+            w = (ws[0].contiguous() if fuse else ws[0]) if len(ws) == 1 else (torch.cat(ws, 1) if fuse else tuple(ws))
+            bs = [b for _, b in pairs]
             if all(b is None for b in bs):
-                return None
+                return w, None
             bs = [b if b is not None else self.embed.new_zeros(lin.out_features) for b, lin in zip(bs, linears)]
-            return bs[0] if len(bs) == 1 else (torch.cat(bs) if fuse else tuple(bs))
+            return w, bs[0] if len(bs) == 1 else (torch.cat(bs) if fuse else tuple(bs))
 
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
-            ln1, wqkv = folded(layer.input_layernorm, weights([a.q_proj, a.k_proj, a.v_proj]))
-            ln2, wgu = folded(layer.post_attention_layernorm, weights([m.gate_proj, m.up_proj]))
-            self.layers.append(_Layer(
-                ln1, ln2, wqkv, biases([a.q_proj, a.k_proj, a.v_proj]),
-                weights([a.o_proj]), a.o_proj.bias, wgu, biases([m.gate_proj, m.up_proj]),
-                weights([m.down_proj]), m.down_proj.bias))
+            wqkv, bqkv = params([a.q_proj, a.k_proj, a.v_proj])
+            wgu, bgu = params([m.gate_proj, m.up_proj])
+            ln1, wqkv = folded(layer.input_layernorm, wqkv)
+            ln2, wgu = folded(layer.post_attention_layernorm, wgu)
+            self.layers.append(_Layer(ln1, ln2, wqkv, bqkv, *params([a.o_proj]), wgu, bgu, *params([m.down_proj])))
 
     # -- pieces -------------------------------------------------------------------------------
 
