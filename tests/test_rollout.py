@@ -1,5 +1,6 @@
 """Rollouts (rollout.py): where completions stop, and how padding is masked."""
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -7,12 +8,12 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from frugalrl import evaluation, rollout, vstar
+from frugalrl import evaluation, lora, rollout, vstar
 from frugalrl.config import load_config
 from frugalrl.data import Task
 from frugalrl.embedded import build_tokenizer
 from frugalrl.losses import astar_loss
-from frugalrl.models import load_policy
+from frugalrl.models import load_policy, prepare_for_training
 from frugalrl.rollout import Rollout, forward_completions, generate, stop_token_ids
 
 END_OF_TURN = "<|im_end|>"
@@ -164,3 +165,91 @@ def test_rollouts_concatenate_with_their_padding_widened():
     for part, rows in ((a, [0]), (b, [1, 2])):
         for i, j in enumerate(rows):
             assert seen(both, j) == seen(part, i)
+
+
+def _grouped_rollout(vocab: int, completion_width: int, prefix: int = 0) -> Rollout:
+    """3 prompts of ``prefix`` tokens they all start with, then 7, 4 and 6 of their own
+    (left-padded), 4 samples each in shuffled rows, with completions of 1..completion_width
+    tokens (right-padded)."""
+    g = torch.Generator().manual_seed(0)
+    U, G, P, T = 3, 4, 7 + prefix, completion_width
+    lengths = prefix + torch.tensor([7, 4, 6])
+    prompt_mask = (torch.arange(P) >= P - lengths.unsqueeze(1)).long()
+    prompt_ids = torch.randint(3, vocab, (U, P), generator=g).masked_fill(prompt_mask == 0, 0)
+    start = torch.randint(3, vocab, (prefix,), generator=g)
+    for row, n in zip(prompt_ids, lengths.tolist()):
+        row[P - n:P - n + prefix] = start
+    rows = torch.randperm(U * G, generator=g)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0)[rows], prompt_mask.repeat_interleave(G, 0)[rows]
+    lengths = torch.randint(1, T + 1, (U * G,), generator=g)
+    mask = (torch.arange(T) < lengths.unsqueeze(1)).float()
+    ids = torch.randint(3, vocab, (U * G, T), generator=g).masked_fill(mask == 0, 0)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, torch.zeros(U * G, dtype=torch.bool), [""] * (U * G))
+
+
+def _outputs_and_grads(model, ro, share):
+    model.zero_grad(set_to_none=True)
+    out = forward_completions(model, ro, 0.7, entropy=True, hidden=True, share_prompts=share)
+    mask = ro.completion_mask
+    (out.logprobs.sum() + out.entropy.sum() + (out.hidden * mask.unsqueeze(-1)).sum()).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("lora_policy", [False, True])
+@pytest.mark.parametrize("width, prefix", [(1, 0), (5, 0), (5, 10)])
+def test_shared_prompts_give_whole_rows_outputs_and_gradients(lora_policy, width, prefix):
+    """Each distinct prompt run once (and a prefix they all start with, once), its KV cache shared
+    by its rows: the log-probs, entropies, hidden states and parameter gradients of whole rows,
+    up to round-off, with fewer tokens fed; for a LoRA policy and for its reference (the adapter
+    off) too."""
+    import peft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    if lora_policy:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+        with torch.no_grad():  # a trained adapter: B = 0 would hide whether it is applied
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.2)
+    ro = _grouped_rollout(97, width, prefix)
+    whole, whole_grads = _outputs_and_grads(model, ro, False)
+    inner = model.get_base_model() if lora_policy else model
+    forward, fed = inner.forward, []
+
+    @functools.wraps(forward)
+    def counting(*args, **kwargs):
+        fed.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    inner.forward = counting
+    shared, grads = _outputs_and_grads(model, ro, True)
+    inner.forward = forward
+    # the prefix (1 row), the 3 prompts' rest, the 12 completions but their last token
+    assert fed == [(1, prefix)] * bool(prefix) + [(3, 7)] + [(12, width - 1)] * (width > 1)
+    assert rollout.tokens_fed(ro, True) == sum(rows * width for rows, width in fed) < rollout.tokens_fed(ro, False)
+    mask = ro.completion_mask
+    torch.testing.assert_close(shared.logprobs, whole.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy, whole.entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.hidden * mask.unsqueeze(-1), whole.hidden * mask.unsqueeze(-1),
+                               atol=1e-5, rtol=1e-5)
+    assert grads.keys() == whole_grads.keys() and grads
+    for key, value in whole_grads.items():
+        torch.testing.assert_close(grads[key], value, atol=1e-4, rtol=1e-4, msg=key)
+    if lora_policy:
+        reference = lora.AdapterDisabled(model)
+        with torch.no_grad():
+            ref = [forward_completions(reference, ro, 0.7, share_prompts=s).logprobs for s in (False, True)]
+        torch.testing.assert_close(ref[1], ref[0], atol=1e-5, rtol=1e-5)
+        assert (ref[0] - whole.logprobs).abs().max() > 1e-3  # the adapter was off
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_prompts_are_not_shared_where_the_cache_is_dropped(tiny_model_dir, lora_r):
+    """Gradient checkpointing drops the KV cache in training: whole rows then."""
+    for checkpointing in (False, True):
+        cfg = load_config(overrides=[f"model.gradient_checkpointing={checkpointing}", f"lora.r={lora_r}"])
+        model = prepare_for_training(LlamaForCausalLM.from_pretrained(tiny_model_dir), cfg)
+        assert (rollout._cache_argument(model) is None) == checkpointing

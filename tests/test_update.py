@@ -1,6 +1,8 @@
 """The optimizer steps (update.py): filtering before the forward pass, micro-batch invariance of
 every loss the Learner builds, off-policy PPO updates, the frozen reference and the critic."""
 
+import functools
+
 import pytest
 import torch
 from torch import Tensor
@@ -20,10 +22,10 @@ REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0])
 PROMPTS = [f"{i * 37}+{i}=" for i in range(N)]
 
 
-def make_rollout(tokenizer) -> Rollout:
-    """N fixed sequences: prompts of different lengths (left-padded), random completions of
-    LENGTHS tokens (right-padded), so that micro-batches trim to different widths."""
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+def make_rollout(tokenizer, prompts=PROMPTS) -> Rollout:
+    """N fixed sequences: ``prompts`` (by default all different, of different lengths; left-padded),
+    random completions of LENGTHS tokens (right-padded), so that micro-batches trim to different widths."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     g = torch.Generator().manual_seed(0)
     T = max(LENGTHS)
     ids = torch.randint(10, 60, (N, T), generator=g)
@@ -92,6 +94,50 @@ def test_update_does_not_depend_on_micro_batch(name, tiny_model_dir, tokenizer):
             assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
+def fed_tokens(calls) -> int:
+    return sum(ids.numel() for ids in calls)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shared_prompts_change_only_round_off(name, tiny_model_dir, tokenizer):
+    """Samples in groups of 2 per prompt: with train.share_prompts each distinct prompt of a
+    micro-batch runs once (fewer tokens go through the model, its constants pass and reference
+    included) and the update is that of whole rows, for every loss the Learner builds."""
+    # prompts as long as a chat model's, answers of LENGTHS: sharing the prompts pays
+    rollout = make_rollout(tokenizer, [f"{p} Reply with the number only." for p in PROMPTS[:N // 2] for _ in range(2)])
+    runs = {}
+    for share in (True, False):
+        learner = make_learner(tiny_model_dir, [*CONFIGS[name], f"train.share_prompts={share}"], micro_batch=4)
+        calls = count_forwards(learner.model)
+        ref_calls = count_forwards(learner.reference) if learner.reference is not None else []
+        runs[share] = (*run_update(learner, rollout), fed_tokens(calls), fed_tokens(ref_calls))
+    (stats, weights, fed, ref_fed), (whole_stats, whole, whole_fed, whole_ref_fed) = runs[True], runs[False]
+    # mini-batches drawn at random may hold no two samples of a prompt: then nothing is shared
+    assert fed < whole_fed or "train.mini_batches=2" in CONFIGS[name]
+    assert ref_fed <= whole_ref_fed
+    for key, value in whole.items():
+        torch.testing.assert_close(weights[key], value, atol=2e-6, rtol=1e-5, msg=key)
+    assert stats.keys() == whole_stats.keys()
+    for key, value in whole_stats.items():
+        assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_micro_batches_keep_a_group_together(tiny_model_dir, tokenizer):
+    """With shared prompts, micro-batches follow prompt length, then prompt: a group's samples
+    share a micro-batch (its prompt runs once); without, they follow the whole row's length."""
+    prompts = [PROMPTS[i] for i in (5, 0, 5, 1, 0, 1, 7, 7)]  # prompts of 3 lengths, each twice
+    rollout = make_rollout(tokenizer, prompts)
+    batches = make_learner(tiny_model_dir, [], micro_batch=2)._passes(torch.arange(N), rollout)
+    assert [sorted(prompts[i] for i in b.tolist()) for b in batches] == [
+        [p, p] for p in sorted(set(prompts), key=lambda p: (len(p), prompts.index(p)))] or all(
+        len({prompts[i] for i in b.tolist()}) == 1 for b in batches)
+    lengths = [len(prompts[int(b[0])]) for b in batches]
+    assert lengths == sorted(lengths)
+    whole = make_learner(tiny_model_dir, ["train.share_prompts=false"], micro_batch=2)._passes(torch.arange(N), rollout)
+    sizes = [int(rollout.prompt_mask[i].sum() + rollout.completion_mask[i].sum()) for b in whole for i in b.tolist()]
+    assert sizes == sorted(sizes)
+
+
 def test_off_policy_updates_report_clip_and_critic_metrics(tiny_model_dir, tokenizer):
     stats, _ = run_update(make_learner(tiny_model_dir, CONFIGS["gae-critic"]), make_rollout(tokenizer))
     assert {"pg_clipfrac", "ppo_kl", "value_loss", "value_mean"} <= stats.keys()
@@ -103,6 +149,7 @@ def count_forwards(model):
     """Wrap ``model.forward``; the returned list collects the rows of every call's input_ids."""
     calls, forward = [], model.forward
 
+    @functools.wraps(forward)  # keeps the signature, which says what the model takes
     def counting(*args, **kwargs):
         calls.append(kwargs["input_ids"])
         return forward(*args, **kwargs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from frugalrl import fastgen
+from frugalrl import fastgen, lora, sharding
 from frugalrl.distributed import private_rng
 from frugalrl.losses import TokenOutputs  # what the losses read: the rollout knows them, never the reverse
 
@@ -191,29 +191,146 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     return make_rollout(tokenizer, enc, completion, stop_ids)
 
 
+def _inner(model):
+    """The transformers model inside a DDP or peft wrapper, or a LoRA policy's reference."""
+    if isinstance(model, lora.AdapterDisabled):
+        model = model.model
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def _keeps_logits(model) -> bool:
     """Whether ``model`` (or the model inside a DDP or peft wrapper) takes transformers'
     ``logits_to_keep`` (the last N positions' logits only)."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = _inner(model)
     return "logits_to_keep" in inspect.signature(getattr(inner, "forward", inner)).parameters
 
 
+def prompt_groups(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct prompts of ``rollout``: (U,) the row of each one's first occurrence, and (N,)
+    the distinct prompt (0..U-1) of each row. Rows are equal when their real tokens are."""
+    rows = rollout.prompt_ids.masked_fill(rollout.prompt_mask == 0, -1)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    n = len(rollout)
+    first = torch.full((int(inverse.max()) + 1 if n else 0,), n, dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, torch.arange(n, device=inverse.device), "amin")
+    return first, inverse
+
+
+def _prefix(prompts: Rollout) -> int:
+    """Tokens that all of ``prompts`` (distinct, trimmed) start with and that are worth running
+    once (``fastgen.shared_prefix``, at least ``fastgen.MIN_SHARED_PREFIX``), else 0."""
+    n = fastgen.shared_prefix(prompts.prompt_ids, prompts.prompt_mask)
+    return n if n >= fastgen.MIN_SHARED_PREFIX else 0
+
+
+def tokens_fed(rollout: Rollout, share_prompts: bool) -> int:
+    """Token positions (padding included) that ``forward_completions`` feeds the model for
+    ``rollout`` (trimmed as a micro-batch is): N x (P + T) for whole rows; with shared prompts,
+    where a prompt repeats or all start alike, n for the prefix that every prompt starts with
+    (``_prefix``), U x (P' - n) for the rest of the U distinct prompts (trimmed among themselves
+    to P') and N x (T - 1) for the completions, if that is fewer. The cost that ``update``
+    orders micro-batches by."""
+    N, P, T = len(rollout), rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    whole = N * (P + T)
+    if not share_prompts or not T:
+        return whole
+    prompts = rollout.select(prompt_groups(rollout)[0]).trimmed()
+    U, n = len(prompts), _prefix(prompts)
+    if U == N and not n:  # nothing to share: one call over whole rows, not two
+        return whole
+    return min(whole, n + U * (prompts.prompt_ids.shape[1] - n) + N * (T - 1))
+
+
+def _cache_argument(model) -> str | None:
+    """The name under which ``model`` takes and returns a KV cache: "cache" (transformers >= 5.2x),
+    "past_key_values" (before), or None where prompts cannot be shared: no cache argument,
+    gradient checkpointing (which drops the cache in training), sharded (FSDP's collectives expect
+    one forward per backward), or no ``logits_to_keep``."""
+    inner = _inner(model)
+    forward = getattr(inner, "forward", None)
+    checkpointing = next((name for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
+                          if hasattr(type(inner), name)), None)  # renamed in transformers 5.x
+    if forward is None or (checkpointing and getattr(inner, checkpointing)) or sharding.is_sharded(model):
+        return None
+    params = inspect.signature(forward).parameters
+    if "logits_to_keep" not in params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _shared_prompt_forward(model, rollout: Rollout, hidden: bool):
+    """Logits (N, T, V) that predict each completion token, and the last layer's hidden states
+    (N, T, H) they come from (None unless ``hidden``), with each distinct prompt run once.
+
+    The prefix that every distinct prompt starts with (``_prefix``: a chat template's system
+    prompt), if any, runs first, then the rest of the U distinct prompts on its KV cache, then
+    the completions on theirs; each cache is expanded to the next level's rows by an index, so
+    the gradient of every row reaches the activations it shares. The prompt's last position
+    predicts the first completion token; a completion's last token predicts nothing, so it is
+    not run. Same positions and attention as ``Rollout.model_inputs``: only round-off differs.
+    """
+    name = _cache_argument(model)
+    first, inverse = prompt_groups(rollout)
+    prompts = rollout.select(first).trimmed()
+    ids, mask = prompts.prompt_ids, prompts.prompt_mask.long()
+    U, P = ids.shape
+    n, before = _prefix(prompts), {}
+    if n:
+        start = P - int(mask[0].sum())  # the first distinct prompt's first real column
+        prefix = model(input_ids=ids[:1, start:start + n], use_cache=True, logits_to_keep=1,
+                       attention_mask=mask[:1, start:start + n], position_ids=torch.arange(n, device=ids.device)[None])
+        before = {name: getattr(prefix, name)}
+        before[name].batch_select_indices(torch.zeros(U, dtype=torch.long, device=ids.device))
+        # the rest of each prompt, left-padded: in columns n.. of the prompt, where its mask's first P - n say
+        ids, mask = ids[:, n:], mask[:, :P - n]
+    seen = torch.cat([mask.new_ones(U, n), mask], 1)  # the prompt columns each prompt's cache holds
+    out = model(input_ids=ids, attention_mask=seen, position_ids=n + (mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1, output_hidden_states=hidden, **before)
+    logits = out.logits[inverse]
+    states = out.hidden_states[-1][inverse, -1:] if hidden else None
+    T = rollout.completion_ids.shape[1]
+    if T > 1:
+        cache = getattr(out, name)
+        cache.batch_select_indices(inverse)
+        lengths = seen.sum(1, keepdim=True)[inverse]
+        rest = model(input_ids=rollout.completion_ids[:, :-1], **{name: cache}, use_cache=True,
+                     attention_mask=torch.cat([seen[inverse], rollout.completion_mask[:, :-1].long()], dim=1),
+                     position_ids=lengths + torch.arange(T - 1, device=lengths.device),
+                     output_hidden_states=hidden)
+        logits = torch.cat([logits, rest.logits], dim=1)
+        if hidden:
+            states = torch.cat([states, rest.hidden_states[-1]], dim=1)
+    return logits, states
+
+
 def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, entropy: bool = False,
-                        hidden: bool = False) -> TokenOutputs:
+                        hidden: bool = False, share_prompts: bool = True) -> TokenOutputs:
     """One forward pass of ``model`` over prompt+completion; per-token outputs of the completion.
 
     Logits are divided by the sampling temperature, so that the log-probs (and the entropy)
     are those of the distribution the completions were sampled from.
+
+    ``share_prompts``: where rows repeat a prompt (the G samples of a group) or all prompts start
+    alike (a system prompt), and the model allows it (``_cache_argument``), each distinct prompt
+    and the common prefix are run once and their KV caches shared (``_shared_prompt_forward``)
+    if that feeds fewer tokens (``tokens_fed``); with chat prompts several times longer than the
+    answers, that is most of a training pass's tokens. Otherwise every row runs whole.
     """
-    inputs = rollout.model_inputs()
-    P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-    if _keeps_logits(model):
-        # Logits at the completion's positions only: a prompt position's logits are never used, and
-        # with a large vocabulary (SmolLM2: 49,152) they cost as much as the rest of the forward pass.
-        inputs["logits_to_keep"] = T + 1
-    out = model(**inputs, output_hidden_states=hidden)
-    logits = out.logits[:, -T - 1:-1].float()
+    T = rollout.completion_ids.shape[1]
+    if share_prompts and _cache_argument(model) and tokens_fed(rollout, True) < tokens_fed(rollout, False):
+        logits, states = _shared_prompt_forward(model, rollout, hidden)
+    else:
+        inputs = rollout.model_inputs()
+        P = rollout.prompt_ids.shape[1]
+        if _keeps_logits(model):
+            # Logits at the completion's positions only: a prompt position's logits are never used, and
+            # with a large vocabulary (SmolLM2: 49,152) they cost as much as the rest of the forward pass.
+            inputs["logits_to_keep"] = T + 1
+        out = model(**inputs, output_hidden_states=hidden)
+        logits = out.logits[:, -T - 1:-1]
+        states = out.hidden_states[-1][:, P - 1:-1] if hidden else None
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     # select rather than multiply: 0 * inf and 0 * NaN are NaN, and padding's logits may be either
@@ -223,8 +340,7 @@ def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, en
     result = TokenOutputs(torch.where(keep, picked - log_z, 0.0))
     if entropy:
         result.entropy = torch.where(keep, log_z - (logits.softmax(-1) * logits).sum(-1), 0.0)
-    if hidden:
-        result.hidden = out.hidden_states[-1][:, P - 1:-1]
+    result.hidden = states
     return result
 
 

@@ -37,7 +37,7 @@ from frugalrl.config import Config
 from frugalrl.distributed import Dist
 from frugalrl.losses import LossInputs, LossNorm, build_terms
 from frugalrl.profiling import phase
-from frugalrl.rollout import Rollout, eval_mode, forward_completions
+from frugalrl.rollout import Rollout, eval_mode, forward_completions, prompt_groups, tokens_fed
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -64,6 +64,14 @@ def _micro_batches(index: Tensor, size: int) -> tuple[Tensor, ...]:
     """``index`` in chunks of ``size``; none for an empty index (``split`` would give one empty
     chunk, and a forward pass over no rows fails)."""
     return index.split(size) if len(index) else ()
+
+
+def _lexsort(keys: list[Tensor]) -> Tensor:
+    """The stable order that sorts by ``keys[-1]``, ties by ``keys[-2]``, and so on."""
+    order = torch.arange(len(keys[0]), device=keys[0].device)
+    for key in keys:
+        order = order[torch.argsort(key[order], stable=True)]
+    return order
 
 
 class Learner:
@@ -198,14 +206,16 @@ class Learner:
             width = part.completion_mask.shape[1]
             if self.need_old or hidden:
                 with eval_mode(self.model):
-                    out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=hidden)
+                    out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=hidden,
+                                              share_prompts=cfg.train.share_prompts)
                 if not dummy:
                     if self.need_old:
                         const.old_logprobs[index, :width] = out.logprobs
                     for term in self.terms:
                         term.observe(const, index, out, part.completion_mask)
             if self.reference is not None:
-                ref = forward_completions(self.reference, part, cfg.rollout.temperature).logprobs
+                ref = forward_completions(self.reference, part, cfg.rollout.temperature,
+                                          share_prompts=cfg.train.share_prompts).logprobs
                 if not dummy:
                     const.ref_logprobs[index, :width] = ref
         sums = {key: value for term in self.terms for key, value in term.finish(const, rewards, mask).items()}
@@ -233,7 +243,8 @@ class Learner:
             part = rollout.select(micro).trimmed()
             with phase("forward"):
                 out = forward_completions(self.model, part, cfg.rollout.temperature,
-                                          entropy=self._any("needs_entropy"), hidden=self._any("needs_hidden"))
+                                          entropy=self._any("needs_entropy"), hidden=self._any("needs_hidden"),
+                                          share_prompts=cfg.train.share_prompts)
                 loss, metrics = self._loss(out, part.completion_mask,
                                            const.select(micro, part.completion_mask.shape[1]), norm)
             with phase("backward"):
@@ -273,17 +284,26 @@ class Learner:
         """The micro-batches of ``index`` (``train.micro_batch`` samples each), then, under
         train.strategy=fsdp, as many ``None`` as this rank has fewer than the rank with the most.
 
-        The samples are taken in order of length (prompt and completion tokens), so that each
-        micro-batch, trimmed to its longest sequence, carries little padding; the sum of their
-        gradients is the same in any order, up to round-off.
+        The samples are taken in order of length, so that each micro-batch, trimmed to its longest
+        sequence, carries little padding: in order of prompt+completion length, or, with
+        ``train.share_prompts``, in order of prompt length, then prompt, then completion length
+        where that feeds fewer tokens (``rollout.tokens_fed``): it keeps a group's samples
+        together, so that their prompt runs once. The sum of the gradients is the same in any
+        order, up to round-off.
 
         FSDP gathers each layer's weights in every forward pass and reduce-scatters its
         gradients in every backward: collectives that every rank must join. After filtering
         the ranks keep different numbers of samples, so a rank with fewer micro-batches makes
         dummy passes (a sample of its rollout, zero loss, outputs dropped) to match.
         """
-        lengths = (rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1))[index]
-        batches = list(_micro_batches(index[torch.argsort(lengths, stable=True)], self.cfg.train.micro_batch))
+        share, size = self.cfg.train.share_prompts, self.cfg.train.micro_batch
+        prompt, completion = rollout.prompt_mask.sum(1)[index], rollout.completion_mask.sum(1)[index]
+        orders = [[prompt + completion]]
+        if share:
+            orders.append([completion, prompt_groups(rollout)[1][index], prompt])  # the last key is the primary
+        splits = [_micro_batches(index[_lexsort(keys)], size) for keys in orders]
+        batches = list(min(splits, key=lambda split: sum(tokens_fed(rollout.select(b).trimmed(), share)
+                                                         for b in split)))
         if not self.sharded:
             return batches
         most = int(self.dist.max([len(batches)])[0])
