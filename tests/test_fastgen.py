@@ -150,6 +150,57 @@ def test_step_logits_after_compaction(model):
     assert torch.all(out.logits[~before] == 0)
 
 
+def _with_prefix(prefix_len, suffix_lengths, seed=7):
+    """Left-padded prompts that all start with the same ``prefix_len`` tokens, then rows of their
+    own of ``suffix_lengths`` tokens (no PAD/EOS inside)."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, V, (prefix_len,), generator=g)
+    rows = [torch.cat([prefix, torch.randint(3, V, (n,), generator=g)]) for n in suffix_lengths]
+    P = max(len(r) for r in rows)
+    ids, mask = torch.full((len(rows), P), PAD), torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):], mask[i, P - len(r):] = r, 1
+    return ids, mask
+
+
+def test_shared_prefix_is_every_rows_start():
+    ids, mask = _with_prefix(10, [3, 1, 6, 3])
+    assert fastgen.shared_prefix(ids, mask) == 10
+    ids[2, -1] = ids[0, -1]  # the rows' own tokens may agree elsewhere: only the start counts
+    assert fastgen.shared_prefix(ids, mask) == 10
+    # a row that is the prefix alone keeps its last token: it starts that row's completion
+    ids, mask = _with_prefix(10, [3, 0, 6])
+    assert fastgen.shared_prefix(ids, mask) == 9
+    assert fastgen.shared_prefix(*_batch([5, 4, 6])) == 0 and fastgen.shared_prefix(ids[:1], mask[:1]) == 0
+
+
+@pytest.mark.parametrize("min_prefix", [1, 10 ** 6])  # the prefix run once, or every prompt whole
+def test_prompts_with_a_shared_prefix_match_hf(model, monkeypatch, min_prefix):
+    """A system prompt that every prompt starts with, prefilled once into every row's first
+    columns: the same greedy tokens and step logits as Hugging Face, groups and EOS included."""
+    monkeypatch.setattr(fastgen, "MIN_SHARED_PREFIX", min_prefix)
+    prefill, pasts = fastgen._Net.prefill, []
+
+    def counting(self, ids, mask, k_out, v_out, all_logits=False, past=None):
+        pasts.append(None if past is None else past[0][0].shape[0])
+        return prefill(self, ids, mask, k_out, v_out, all_logits, past)
+
+    monkeypatch.setattr(fastgen._Net, "prefill", counting)
+    ids, mask = _with_prefix(12, [4, 1, 7, 3, 7, 2])
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # groups of 2
+    free = _hf(model, ids, mask, 12, eos=V + 1, do_sample=False)
+    eos = int(free[1, 4])  # some rows stop early
+    out = fastgen.generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD, greedy=True,
+                           return_logits=True)
+    assert torch.equal(out.tokens, _hf(model, ids, mask, 12, eos=eos, do_sample=False))
+    ref = _full_logits(model, ids, mask, out.tokens)[:, ids.shape[1] - 1:-1]
+    is_eos = (out.tokens == eos).long()
+    before = (is_eos.cumsum(1) - is_eos) == 0
+    assert (out.logits - ref).abs()[before].max() < 1e-4
+    # the prefix alone, then the 6 distinct prompts' rest on it; or the 6 distinct prompts whole
+    assert pasts == ([None, 12] if min_prefix == 1 else [None])
+
+
 def test_first_token_distribution(model):
     """Many samples of one prompt: first-token frequencies ~ softmax(logits / temperature)."""
     ids, mask = _batch([5])

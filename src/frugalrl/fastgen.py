@@ -255,19 +255,26 @@ class _Net:
 
     # -- passes -------------------------------------------------------------------------------
 
-    def prefill(self, ids, mask, k_out, v_out, all_logits=False):
+    def prefill(self, ids, mask, k_out, v_out, all_logits=False, past=None):
         """Runs left-padded prompts (b, P); writes their keys and values into ``k_out[i]`` and
         ``v_out[i]``, (P, b, n_kv, head_dim) each; returns the logits of the last position
-        (b, V), or of every position (b, P, V) with ``all_logits``."""
+        (b, V), or of every position (b, P, V) with ``all_logits``.
+
+        ``past``: the keys and values of a prefix that every row continues, per layer, (n_past, 1,
+        n_kv, head_dim) each: the rows attend to all of it, and their positions start at n_past.
+        """
         B, P = ids.shape
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        n_past = 0 if past is None else past[0][0].shape[0]
+        positions = (n_past + mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cos, sin = self.rope_tables(positions.flatten())  # (B*P, d)
         cos, sin = cos[:, None], sin[:, None]
         # causal, padding keys masked; every query may see itself so padding rows stay finite
         causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
         attn_mask = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
-        attn_mask = attn_mask[:, None]  # (B, 1, P, P)
+        if n_past:
+            attn_mask = torch.cat([attn_mask.new_ones(B, P, n_past), attn_mask], -1)
+        attn_mask = attn_mask[:, None]  # (B, 1, P, n_past + P)
         h = F.embedding(ids.flatten(), self.embed)  # (B*P, hidden)
         for i, L in enumerate(self.layers):
             qkv = self.linear(self.rms(h, L.ln1), L.wqkv, L.bqkv)
@@ -276,6 +283,9 @@ class _Net:
             k_out[i].copy_(k.transpose(0, 1))
             v_out[i].copy_(v.transpose(0, 1))
             q, k, v = qk[:, :, :nh].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if n_past:  # the prefix's keys and values first, the same for every row
+                k = torch.cat([past[0][i].permute(1, 2, 0, 3).expand(B, nkv, n_past, d), k], 2)
+                v = torch.cat([past[1][i].permute(1, 2, 0, 3).expand(B, nkv, n_past, d), v], 2)
             if nkv != nh:
                 k = k.repeat_interleave(nh // nkv, dim=1)
                 v = v.repeat_interleave(nh // nkv, dim=1)
@@ -349,13 +359,44 @@ def _pick(logits, greedy, temperature, top_p, generator, u=None):
 
 # Prompts are prefilled this many rows at a time (activations stay in cache; measured faster).
 _PREFILL_ROWS = 64
+# A prefix that every distinct prompt starts with (a chat template's system prompt) is prefilled
+# once when it is at least this many tokens: below that it saves less than its own call costs.
+MIN_SHARED_PREFIX = 8
 
 
-def _prefill(net: _Net, ids, mask, k_cache, v_cache, dedup: bool = True) -> torch.Tensor:
-    """Fills cache columns [0, P) for the B prompts; the logits of their last position (B, V).
+def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Tokens that every left-padded row of ``ids`` (B, P) starts its real tokens with, at most
+    its shortest row's length - 1 (each row keeps a token of its own, whose logits start it)."""
+    lengths = mask.long().sum(1)
+    n = int(lengths.min()) - 1
+    if n <= 0 or ids.shape[0] < 2:
+        return 0
+    cols = (ids.shape[1] - lengths)[:, None] + torch.arange(n, device=ids.device)  # each row's first n tokens
+    starts = ids.gather(1, cols)
+    differs = (starts != starts[:1]).any(0)
+    return int(differs.float().argmax()) if differs.any() else n
+
+
+def _prefill_rows(net: _Net, ids, mask, k_out, v_out, past=None) -> torch.Tensor:
+    """``net.prefill`` over the rows ``_PREFILL_ROWS`` at a time; the logits of their last position."""
+    logits = []
+    for s in range(0, ids.shape[0], _PREFILL_ROWS):
+        e = min(ids.shape[0], s + _PREFILL_ROWS)
+        logits.append(net.prefill(ids[s:e], mask[s:e], [k[:, s:e] for k in k_out], [v[:, s:e] for v in v_out],
+                                  past=past))
+    return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+
+def _prefill(net: _Net, ids, mask, k_cache, v_cache, dedup: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fills cache columns [0, P) for the B prompts; the logits of their last position (B, V), and
+    which of the P columns each row may attend to (B, P).
 
     Identical prompts (a group of G samples of one prompt) are run once and their keys and
-    values copied to every row that repeats them.
+    values copied to every row that repeats them. A prefix that every distinct prompt starts
+    with (``shared_prefix``, at least ``MIN_SHARED_PREFIX`` tokens) is run once too: it fills
+    columns [0, n) of every row, and the rest of each prompt, left-padded, columns [n, P), where
+    the prompt's own left padding was. Attention does not depend on the order of the keys, and
+    each key carries its position, so only the column mask changes.
     """
     B, P = ids.shape
     nkv, d = net.n_kv, net.head_dim
@@ -367,22 +408,33 @@ def _prefill(net: _Net, ids, mask, k_cache, v_cache, dedup: bool = True) -> torc
         else:
             inverse = None
     U = ids.shape[0]
-    if inverse is None:  # straight into the cache
+    n = shared_prefix(ids, mask) if dedup else 0
+    if n < MIN_SHARED_PREFIX:
+        n = 0
+    if inverse is None and not n:  # straight into the cache
         k_out = [k[:P].view(P, B, nkv, d) for k in k_cache]
         v_out = [v[:P].view(P, B, nkv, d) for v in v_cache]
-    else:
-        k_out = [k_cache[0].new_empty(P, U, nkv, d) for _ in k_cache]
-        v_out = [k_cache[0].new_empty(P, U, nkv, d) for _ in v_cache]
-    logits = []
-    for s in range(0, U, _PREFILL_ROWS):
-        e = min(U, s + _PREFILL_ROWS)
-        logits.append(net.prefill(ids[s:e], mask[s:e], [k[:, s:e] for k in k_out], [v[:, s:e] for v in v_out]))
-    logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-    if inverse is not None:
-        for src, dst in zip(k_out + v_out, k_cache + v_cache):
-            torch.index_select(src, 1, inverse, out=dst[:P].view(P, B, nkv, d))
-        logits = logits[inverse]
-    return logits
+        return _prefill_rows(net, ids, mask, k_out, v_out), mask
+    past = None
+    if n:
+        start = P - int(mask.long().sum(1)[0])  # row 0's first real column
+        past = tuple([k_cache[0].new_empty(n, 1, nkv, d) for _ in k_cache] for _ in range(2))
+        net.prefill(ids[:1, start:start + n], mask[:1, start:start + n], *past)
+        # in a row's suffix coordinates c = column - n, its tokens after the prefix sit where
+        # its mask's first P - n columns say (the row's real tokens are its last ones)
+        ids, mask = ids[:, n:], mask[:, :P - n]
+    k_out = [k_cache[0].new_empty(P - n, U, nkv, d) for _ in k_cache]
+    v_out = [k_cache[0].new_empty(P - n, U, nkv, d) for _ in v_cache]
+    logits = _prefill_rows(net, ids.masked_fill(mask == 0, 0), mask, k_out, v_out, past)
+    rows = torch.arange(U, device=ids.device) if inverse is None else inverse
+    prefix = past[0] + past[1] if n else [None] * len(k_out + v_out)
+    for src, pre, dst in zip(k_out + v_out, prefix, k_cache + v_cache):
+        dst = dst[:P].view(P, B, nkv, d)
+        torch.index_select(src, 1, rows, out=dst[n:])
+        if n:
+            dst[:n].copy_(pre.expand(n, B, nkv, d))
+    columns = mask[rows] if not n else torch.cat([mask.new_ones(B, n), mask[rows]], 1)
+    return logits[rows], columns
 
 
 @dataclass
@@ -441,11 +493,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         out_logits = None
         k_cache = [torch.empty(M, B * nkv, d, dtype=net.dtype, device=dev) for _ in net.layers]
         v_cache = [torch.empty(M, B * nkv, d, dtype=net.dtype, device=dev) for _ in net.layers]
-        logits = _prefill(net, ids, mask, k_cache, v_cache)
+        logits, columns = _prefill(net, ids, mask, k_cache, v_cache)
         # additive key mask over the cache columns, -inf on prompt padding, laid out as the
         # (b * n_kv, g, M) score matrices of a decode step
         key_bias = torch.zeros(B, M, dtype=net.dtype, device=dev)
-        key_bias[:, :P].masked_fill_(mask == 0, float("-inf"))
+        key_bias[:, :P].masked_fill_(columns == 0, float("-inf"))
         key_bias = key_bias[:, None].expand(B, nkv * g, M).reshape(B * nkv, g, M)
         # positions of the new tokens: last prompt position + 1 + t, as in generate
         last = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -1]
