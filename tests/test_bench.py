@@ -323,10 +323,16 @@ def test_bench_rollout(tmp_path, toy_options, capsys):
     assert (tmp_path / "results" / "rollout.png").stat().st_size > 0
 
     # a labelled page beside it: its own file and LABEL_ keys; the unlabelled keys stay as they were
+    # (and groups of 2: each distinct prompt prefilled once, and the work counts those prompt tokens)
     assert main(["bench", "rollout", *toy_options, "bench.batches=[4]", "bench.rounds=1", "bench.new_tokens=6",
-                 "bench.matmul_size=64", "bench.label=real"]) == 0
+                 "bench.matmul_size=64", "bench.label=real", "bench.group_size=2"]) == 0
     labelled = _summary(tmp_path)
     assert labelled["real_rollout_ceiling_fraction"] > 0 and labelled["real_train_ceiling_fraction"] > 0
+    page = (tmp_path / "results" / "rollout-real.md").read_text()
+    prefilled = int(re.search(r"counting the ([\d,]+) prompt tokens", page)[1].replace(",", ""))
+    assert "B / 2 distinct prompts, each 2 times" in page and 2 <= prefilled <= 2 * 20  # 2 prompts, not 4
+    assert labelled["real_work_ceiling_fraction"] == pytest.approx(
+        labelled["real_rollout_ceiling_fraction"] * (1 + prefilled / (4 * 6)))
     assert labelled["rollout_hf_tok_s_b8"] == summary["rollout_hf_tok_s_b8"]
     assert (tmp_path / "results" / "rollout-real.md").is_file() and (tmp_path / "results" / "rollout-real.png").is_file()
 
@@ -373,6 +379,28 @@ def test_bench_peer(tmp_path, toy_options):
     assert (tmp_path / "results" / "peer.png").stat().st_size > 0
 
 
+def test_bench_peer_trl_defaults(tmp_path, toy_options):
+    """TRL's defaults for real: an optimizer step every 8 completions (2 per rollout batch of 16),
+    seconds per rollout batch, accuracy curves on both sides, the label's page and keys; then
+    bench.resume reuses both runs."""
+    options = [*toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1", "bench.rounds=1",
+               "rollout.batch_prompts=8", "rollout.group_size=2", "algo.estimator=rloo", "bench.trl=defaults",
+               "bench.eval_every=1", "bench.label=toy", "data.eval_size=8"]
+    assert main(["bench", "peer", *options]) == 0
+    summary = _summary(tmp_path)
+    assert summary["toy_step_time_ratio_vs_trl"] > 0 and summary["toy_peer_completions"] == 32
+    page = (tmp_path / "results" / "peer-toy.md").read_text()
+    assert "`steps_per_generation=2`" in page and "`max_steps=4`" in page and "`learning_rate=1e-06`" in page
+    for side in ("frugalrl", "trl"):
+        result = json.loads((tmp_path / "runs" / f"{side}-1" / "peer-result.json").read_text())
+        assert [point[1] for point in result["curve"]] == [0, 16, 32]  # before, after each rollout batch
+        assert len(result["step_end_s"]) == (2 if side == "frugalrl" else 4)
+    assert (tmp_path / "results" / "peer-toy-curves.png").stat().st_size > 0
+    stamps = {side: (tmp_path / "runs" / f"{side}-1" / "peer.log").stat().st_mtime for side in ("frugalrl", "trl")}
+    assert main(["bench", "peer", *options, "bench.resume=true"]) == 0
+    assert stamps == {side: (tmp_path / "runs" / f"{side}-1" / "peer.log").stat().st_mtime for side in stamps}
+
+
 def test_peer_rounds_take_seeds_and_give_error_bars(tmp_path, toy_options, monkeypatch):
     """Two rounds of made-up runs: seeds 5 and 6 on both sides, one data split, and the page's
     figures are the hand-computed means, ratios and intervals of their numbers."""
@@ -383,11 +411,11 @@ def test_peer_rounds_take_seeds_and_give_error_bars(tmp_path, toy_options, monke
                ("frugalrl", 6): (3.0, 100.0, 0.7), ("trl", 6): (4.0, 200.0, 0.4)}
     calls = []
 
-    def fake_run(side, cfg, run_dir, warmup, task):
+    def fake_run(side, cfg, run_dir, warmup, task, trl, resume):
         calls.append((side, cfg.seed, cfg.data.seed))
         s_per_step, rss, accuracy = made_up[side, cfg.seed]
         settings = {"seed": cfg.seed, "epsilon": 0.2} if side == "trl" else {}
-        return peer.Run(cfg.seed, s_per_step, rss, 16, accuracy, 0.1, 0.2, settings)
+        return peer.Run(cfg.seed, s_per_step, rss, 16, accuracy, 0.1, 0.2, settings, [])
 
     monkeypatch.setattr(peer, "_run", fake_run)
     assert main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2",
@@ -409,6 +437,63 @@ def test_peer_rounds_take_seeds_and_give_error_bars(tmp_path, toy_options, monke
     page = (tmp_path / "results" / "peer.md").read_text()
     assert "| 1 | 5 | 5 | 1.000 | 4.000 |" in page and "| 2 | 6 | 6 | 3.000 | 4.000 |" in page
     assert "seconds per step **0.5 [0.25, 0.75]**" in page and "`epsilon=0.2`" in page
+
+
+def test_peer_time_to_target_against_trl_defaults(tmp_path, toy_options, monkeypatch):
+    """bench.trl=defaults with accuracy curves: the time to 0.95 x TRL's mean final accuracy on
+    each curve, read between readings, and frugalrl's over TRL's under the label's keys."""
+    from frugalrl.bench import peer
+
+    # (side, seed) -> curve of (training s, completions, accuracy); TRL's finals 0.4 and 0.6: target 0.475
+    curves = {("frugalrl", 0): [(0.0, 0, 0.2), (10.0, 8, 0.5), (20.0, 16, 0.6)],
+              ("trl", 0): [(0.0, 0, 0.2), (40.0, 8, 0.3), (80.0, 16, 0.4)],
+              ("frugalrl", 1): [(0.0, 0, 0.2), (10.0, 8, 0.3), (20.0, 16, 0.7)],
+              ("trl", 1): [(0.0, 0, 0.2), (40.0, 8, 0.6), (80.0, 16, 0.6)]}
+    modes = []
+
+    def fake_run(side, cfg, run_dir, warmup, task, trl, resume):
+        modes.append((trl, resume, cfg.eval_every, cfg.max_wall_s))
+        curve = curves[side, cfg.seed]
+        settings = {"seed": cfg.seed, "learning_rate": 1e-6} if side == "trl" else {}
+        return peer.Run(cfg.seed, 1.0, 100.0 if side == "frugalrl" else 400.0, 16, curve[-1][2], 0.1, 0.2, settings,
+                        curve)
+
+    monkeypatch.setattr(peer, "_run", fake_run)
+    # rloo: TRL runs its own defaults, so no refusal of what it cannot reproduce
+    assert main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1",
+                 "bench.rounds=2", "seed=0", "algo.estimator=rloo", "max_wall_s=60", "bench.trl=defaults",
+                 "bench.eval_every=1", "bench.label=toy", "bench.resume=true"]) == 0
+    assert set(modes) == {("defaults", True, 1, 0.0)}
+    summary = _summary(tmp_path)
+    # TRL at 0.475: round 0 never gets there (final 0.4), so no ratio, and the page says why
+    assert summary["toy_time_to_target_ratio_vs_trl"] is None
+    page = (tmp_path / "results" / "peer-toy.md").read_text()
+    assert "TRL GRPOTrainer in 1 of 2 rounds" in page and "`learning_rate=1e-06`" in page
+    assert summary["toy_peak_rss_ratio_vs_trl"] == pytest.approx(0.25)
+    assert (tmp_path / "results" / "peer-toy-curves.png").stat().st_size > 0
+    # TRL's finals 0.4 and 0.4 (round 1's curve lowered): target 0.38; frugalrl 0 -> 10 s at 0.2 -> 0.5 crosses
+    # at 6 s in round 0 and 0.2 -> 0.3 -> 0.7 at 12 s in round 1; TRL 0.3 -> 0.4 crosses at 72 s, 0.2 -> 0.4 at 76 s
+    curves["trl", 1] = [(0.0, 0, 0.2), (40.0, 8, 0.2), (80.0, 16, 0.4)]
+    assert main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1",
+                 "bench.rounds=2", "seed=0", "algo.estimator=rloo", "bench.trl=defaults", "bench.eval_every=1",
+                 "bench.label=toy"]) == 0
+    summary = _summary(tmp_path)
+    assert summary["toy_time_to_target_ratio_vs_trl"] == pytest.approx(18 / 148)
+    assert "(target <= 0.2)" in (tmp_path / "results" / "peer-toy.md").read_text()
+
+
+def test_peer_trl_defaults_keep_grpo_config_but_for_the_budget():
+    from frugalrl.bench import configure
+    from frugalrl.bench.peer import _trl_args
+
+    _, cfg, _ = configure("peer", None, ["rollout.batch_prompts=8", "rollout.group_size=4", "rollout.max_new_tokens=12",
+                                         "train.lr=0.001", "max_steps=3"])
+    args = _trl_args(cfg, "defaults")
+    assert (args.num_generations, args.generation_batch_size, args.max_completion_length) == (4, 32, 12)
+    assert args.learning_rate == 1e-6 and args.loss_type == "dapo" and args.temperature == 1.0  # TRL's own
+    # 32 completions per rollout batch, an optimizer step every 8: 4 per batch, 3 batches
+    assert args.per_device_train_batch_size == 8 and args.steps_per_generation == 4 and args.max_steps == 12
+    assert not args.bf16
 
 
 def test_peer_trl_settings_come_from_the_grpo_config():
@@ -564,7 +649,7 @@ def test_source_commit_names_the_checkout_and_its_changes(tmp_path, monkeypatch)
 
 
 def test_budget_reads_crossings_between_readings():
-    from frugalrl.bench.budget import crossing
+    from frugalrl.bench.stats import crossing
 
     curve = [(0.0, 0, 0.1), (10.0, 100, 0.3), (20.0, 200, 0.5)]
     assert crossing(curve, 0.4, 0) == pytest.approx(15.0) and crossing(curve, 0.4, 1) == pytest.approx(150.0)

@@ -60,7 +60,7 @@ from frugalrl.bench import peer
 from frugalrl.bench.options import BudgetOptions
 from frugalrl.bench.probe import figure
 from frugalrl.bench.report import publish, run_child, table
-from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
+from frugalrl.bench.stats import Estimate, crossing, mean_ci, ratio_ci
 from frugalrl.bench.train import RunRecord, _plot, _record, fresh_runs
 from frugalrl.config import Config, changed_options, load_config, save_config
 from frugalrl.models import resolve_model_path
@@ -86,20 +86,6 @@ AIMS = {"budget_time_to_target_ratio_vs_rloo": "<= 0.6", "budget_samples_to_targ
         "prior_brier_ratio_cross_prompt_vs_population": "<= 0.8", "skip_samples_to_target_ratio_vs_rloo": "<= 0.6",
         "skip_final_accuracy_delta_vs_rloo": ">= -0.01", "all_equal_calibration_gap": "<= 0.03"}
 RESOLUTION = 0.15  # the 95 % half-width a ratio should have to resolve a 20 % effect
-
-
-def crossing(curve: list[tuple[float, int, float]], target: float, axis: int) -> float | None:
-    """Where an accuracy curve ((wall_s, samples, accuracy) per reading) first reaches ``target``,
-    in its ``axis`` (0: training seconds, 1: completions generated): linear between the reading
-    before and the first reading at or above it (that reading's own x when it is the first); None
-    when no reading gets there."""
-    for i, point in enumerate(curve):
-        if point[2] >= target:
-            if i == 0:
-                return float(point[axis])
-            before = curve[i - 1]
-            return before[axis] + (target - before[2]) / (point[2] - before[2]) * (point[axis] - before[axis])
-    return None
 
 
 def time_to(record: RunRecord, target: float) -> float | None:

@@ -7,7 +7,20 @@ run config, and loaded and checked by ``load_config`` like it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from frugalrl.config import Float, Int, Section, opt
+
+
+class Labelled(Section):
+    """The options of a bench whose pages for several models or settings live side by side."""
+
+    label: str = opt("", "names the page BENCH-LABEL.md and marks its summary keys (e.g. real for SmolLM2; each "
+                     "bench's protocol says how); empty: the bench's own page and keys", pattern=r"^[a-z0-9_]*$")
+
+    def page(self, bench: str) -> str:
+        """The page's name: ``bench``, or ``bench-LABEL``."""
+        return f"{bench}-{self.label}" if self.label else bench
 
 
 class ValueOptions(Section):
@@ -32,14 +45,14 @@ class GradOptions(ValueOptions):
     results_dir: str = opt("bench/results", "where grad.md, grad.png and summary.json are written")
 
 
-class RolloutOptions(Section):
+class RolloutOptions(Labelled):
     batches: list[Int] = opt([64, 256], "prompts per generate call, one measurement each")
     new_tokens: Int = opt(48, "tokens generated per prompt (EOS disabled, so every sampler makes exactly this many)",
                           ge=1)
     rounds: Int = opt(5, "alternating fastgen / Hugging Face rounds per batch size (median reported)", ge=1)
     matmul_size: Int = opt(2048, "n of the n x n matmul timed for the machine's FLOP/s", ge=16)
-    label: str = opt("", "written to rollout-LABEL.md and summary keys LABEL_* (empty: rollout.md and the "
-                     "rollout_* keys), e.g. real for SmolLM2", pattern=r"^[a-z0-9_]*$")
+    group_size: Int = opt(1, "completions per prompt, as training samples them: B / G distinct prompts, each G "
+                          "times (B a multiple of G)", ge=1)
     results_dir: str = opt("bench/results", "where the page, its plot and summary.json are written")
 
 
@@ -95,12 +108,19 @@ class RealOptions(Section):
     results_dir: str = opt("bench/results", "where real.md, real.png and summary.json are written")
 
 
-class PeerOptions(Section):
-    steps: Int = opt(50, "training steps of every run, on both sides (so both sample steps x P x G completions)",
-                     ge=2)
+class PeerOptions(Labelled):
+    steps: Int = opt(50, "training steps (rollout batches) of every run, on both sides (so both sample steps x P x G "
+                     "completions)", ge=2)
     warmup: Int = opt(2, "first steps of each run left out of its seconds per step", ge=1)
     rounds: Int = opt(5, "rounds, each a frugalrl run then a TRL run, round i at seed + i on both sides (means with "
                       "95 % intervals reported)", ge=1)
+    trl: Literal["same", "defaults"] = opt("same", "same: TRL trains frugalrl's algorithm (grpo/dr_grpo); defaults: "
+                                           "GRPOConfig's defaults but for the budget (G, completions per step, "
+                                           "token limit, steps, precision), against frugalrl's run config as it is")
+    eval_every: Int = opt(0, "held-out accuracy read every N steps on both sides (0: at the end only); > 0 gives "
+                          "the time to reach target_frac x TRL's final accuracy", ge=0)
+    target_frac: Float = opt(0.95, "time-to-target target: this x TRL's mean final accuracy", gt=0, le=1)
+    resume: bool = opt(False, "reuse the run directories that hold a finished run of the same config")
     results_dir: str = opt("bench/results", "where peer.md, peer.png and summary.json are written")
 
 
@@ -136,13 +156,11 @@ class ScaleOptions(Section):
     results_dir: str = opt("bench/results", "where scale.md and summary.json are written")
 
 
-class ProfileOptions(Section):
+class ProfileOptions(Labelled):
     skip: Int = opt(2, "training steps run before the profiled ones (the first pays for allocation and warm caches)",
                     ge=1)
     steps: Int = opt(2, "training steps recorded by the profiler (its table is per step: their mean)", ge=1)
     top: Int = opt(15, "operators listed, by self time per step", ge=1)
-    label: str = opt("", "written to profile-LABEL.md and summary keys profile_LABEL_* (empty: profile.md, "
-                     "profile_*), so that profiles of several models live side by side", pattern=r"^[a-z0-9_]*$")
     results_dir: str = opt("bench/results", "where the page and summary.json are written")
 
 

@@ -30,7 +30,7 @@ Protocol of ``frugalrl bench real``:
   interval; deltas between runs are paired by seed (mean of the per-seed differences, t
   interval), ``real_final_accuracy_delta_kae_j8_vs_j4`` among them. Completions to target
   of the skip pair: ``bench.target_frac`` x ``rloo_pool64``'s mean final gain over the start,
-  read between readings (``budget.crossing``). A sticky batch's memorisation: the mean sampled
+  read between readings (``stats.crossing``). A sticky batch's memorisation: the mean sampled
   reward at each visit of a batch (1..J), over the KAE runs' blocks.
 """
 
@@ -42,10 +42,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from frugalrl.bench.budget import crossing
 from frugalrl.bench.options import RealOptions
 from frugalrl.bench.report import publish, run_child, table
-from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
+from frugalrl.bench.stats import Estimate, crossing, mean_ci, ratio_ci
 from frugalrl.bench.train import RunRecord, _plot, _record, fresh_runs, whole_steps
 from frugalrl.checkpoint import MANIFEST
 from frugalrl.config import apply_overrides, load_config, save_config

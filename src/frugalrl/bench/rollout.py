@@ -24,9 +24,19 @@ Protocol of ``frugalrl bench rollout``:
   forward and backward); its ceiling is the matmul FLOP/s over 6 x N FLOPs per token (N = the
   model's parameters), so ``rollout_train_fraction_of_ceiling`` is the training's share of the
   machine's arithmetic.
+* Work: the ceiling counts generated tokens only, but every call also prefills its prompts (each
+  distinct prompt once). ``rollout_work_fraction_of_ceiling`` counts those prompt tokens too, each
+  costed as a generated token (attention over a shorter context makes that a slight
+  overestimate): the share of the machine's arithmetic that the sampler does, where
+  ``rollout_fraction_of_ceiling`` is the share that ends up as new tokens.
+* ``bench.group_size`` G > 1 samples as training does: B / G distinct prompts, each G times
+  (fastgen prefills each once; HF ``generate`` prefills every row). The training pass then
+  shares each prompt within a micro-batch (``train.share_prompts``) while its tokens/s still
+  count every row's prompt.
 * ``bench.label`` (e.g. ``real`` for SmolLM2) writes ``rollout-LABEL.md`` and summary keys
-  ``LABEL_rollout_ceiling_fraction`` and ``LABEL_train_ceiling_fraction`` (plus LABEL-prefixed
-  tokens/s), so that several models' pages live side by side.
+  ``LABEL_rollout_ceiling_fraction``, ``LABEL_train_ceiling_fraction`` and
+  ``LABEL_work_ceiling_fraction`` (plus LABEL-prefixed tokens/s), so that several models' pages
+  live side by side.
 """
 
 from __future__ import annotations
@@ -153,17 +163,19 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
     if not fastgen.supports(model):
         raise ValueError(f"{type(model).__name__} cannot use frugalrl's fast sampler (Llama and Qwen2 models only); "
                          "there is nothing to compare")
-    batches = sorted(set(opts.batches))
-    if not batches or batches[0] < 1 or batches[-1] > len(task.train_rows):
-        raise ValueError(f"bench.batches={opts.batches} must be sizes between 1 and the "
-                         f"{len(task.train_rows)} training prompts")
+    batches, G = sorted(set(opts.batches)), opts.group_size
+    if not batches or batches[0] < 1 or batches[-1] > len(task.train_rows) * G or any(B % G for B in batches):
+        raise ValueError(f"bench.batches={opts.batches} must be multiples of bench.group_size={G} between {G} and "
+                         f"{len(task.train_rows) * G} ({len(task.train_rows)} training prompts x G)")
     model.eval()
     param = next(model.parameters())
     device, T, ro = param.device, opts.new_tokens, cfg.rollout
-    fast, hf, context = {}, {}, {}
+    fast, hf, context, prefill = {}, {}, {}, {}
     for B in batches:
-        enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, [r["prompt"] for r in task.train_rows[:B]]).items()}
+        prompts = [r["prompt"] for r in task.train_rows[:B // G] for _ in range(G)]
+        enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, prompts).items()}
         context[B] = enc["input_ids"].shape[1] + T / 2
+        prefill[B] = int(enc["attention_mask"][::G].sum())  # fastgen prefills each distinct prompt once
         samplers = _samplers(model, enc, T, tokenizer.pad_token_id, ro.temperature, ro.top_p)
         speeds = {name: [] for name in samplers}
         with torch.no_grad():
@@ -186,27 +198,30 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
     train_ceiling = flops / (6 * params)
     console.print(f"rollout bench: training forward and backward: {trained:,.0f} tok/s "
                   f"({trained / train_ceiling:.2f} of the ceiling)")
-    fractions = {"rollout": fast[top] / ceiling[top], "train": trained / train_ceiling}
+    fractions = {"rollout": fast[top] / ceiling[top], "train": trained / train_ceiling,
+                 "work": fast[top] * (1 + prefill[top] / (top * T)) / ceiling[top]}
     if opts.label:
         summary = {**{f"{opts.label}_{k}_ceiling_fraction": v for k, v in fractions.items()},
                    f"{opts.label}_rollout_fastgen_vs_hf": fast[top] / hf[top],
                    f"{opts.label}_rollout_fastgen_tok_s": fast[top], f"{opts.label}_train_tok_s": trained}
     else:  # the embedded model's keys, as they have always been named
         summary = {"rollout_fastgen_vs_hf": fast[top] / hf[top], "rollout_fraction_of_ceiling": fractions["rollout"],
+                   "rollout_work_fraction_of_ceiling": fractions["work"],
                    "rollout_train_fraction_of_ceiling": fractions["train"], "rollout_train_tok_s": trained,
                    "rollout_matmul_gflop_s": flops / 1e9,
                    **{f"rollout_fastgen_tok_s_b{B}": fast[B] for B in batches},
                    **{f"rollout_hf_tok_s_b{B}": hf[B] for B in batches}}
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    name = f"rollout-{opts.label}" if opts.label else "rollout"
     title = f"{params / 1e6:.2f} M-parameter model, {T} new tokens, {param.dtype}, {device}"
-    _plot(batches, fast, hf, ceiling[top], results_dir / f"{name}.png", title)
+    _plot(batches, fast, hf, ceiling[top], results_dir / f"{opts.page('rollout')}.png", title)
     rows = [[str(B), f"{fast[B]:,.0f}", f"{hf[B]:,.0f}", fmt(fast[B] / hf[B], 3), f"{ceiling[B]:,.0f}",
              fmt(fast[B] / ceiling[B], 3)] for B in batches]
     sections = [
         f"Generated tokens/s ({title}, median of {opts.rounds} alternating rounds, prefill included, "
-        f"EOS disabled; {torch.get_num_threads()} torch threads). Protocol: `src/frugalrl/bench/rollout.py`.",
+        f"EOS disabled; {torch.get_num_threads()} torch threads; "
+        + (f"B / {G} distinct prompts, each {G} times" if G > 1 else "B distinct prompts")
+        + "). Protocol: `src/frugalrl/bench/rollout.py`.",
         table(["prompts", "fastgen tok/s", "HF generate tok/s", "fastgen / HF", "ceiling tok/s",
                "fastgen / ceiling"], rows),
         f"Ceiling: measured {param.dtype} matmul {flops / 1e9:.1f} GFLOP/s ({opts.matmul_size}^2 matrices) / "
@@ -214,8 +229,13 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         f"{context[top]:.0f}.",
         f"Training (the {top} prompts with their completions, forward and backward in micro-batches of "
         f"{cfg.train.micro_batch}, median of {opts.rounds}): {trained:,.0f} tokens/s against a ceiling of "
-        f"{train_ceiling:,.0f} (6 x {params / 1e6:.1f} M FLOPs per token): **{fractions['train']:.2f}** of it. "
-        f"Generation at {top} prompts: **{fractions['rollout']:.2f}** of its ceiling.",
+        f"{train_ceiling:,.0f} (6 x {params / 1e6:.1f} M FLOPs per token): **{fractions['train']:.2f}** of it"
+        + (" (every row's prompt counted, though a micro-batch runs a shared prompt once: `train.share_prompts`)"
+           if G > 1 else "") + ". "
+        f"Generation at {top} prompts: **{fractions['rollout']:.2f}** of its ceiling in generated tokens; "
+        f"counting the {prefill[top]:,} prompt tokens prefilled per call as well ({prefill[top] / (top * T):.2f} per "
+        f"generated token, each costed as a generated one), the arithmetic done is **{fractions['work']:.2f}** of "
+        "the machine's.",
     ]
-    return publish(results_dir, name, "Rollout bench: generation and training throughput", command, sections,
-                   summary, console)
+    return publish(results_dir, opts.page("rollout"), "Rollout bench: generation and training throughput", command,
+                   sections, summary, console)

@@ -102,3 +102,17 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], n: int, resamp
         return Estimate(value, value, value, n)
     low, high = np.percentile(draws, [2.5, 97.5])
     return Estimate(value, float(low), float(high), n)
+
+
+def crossing(curve: list[tuple[float, int, float]], target: float, axis: int) -> float | None:
+    """Where an accuracy curve ((wall_s, samples, accuracy) per reading) first reaches ``target``,
+    in its ``axis`` (0: training seconds, 1: completions generated): linear between the reading
+    before and the first reading at or above it (that reading's own x when it is the first); None
+    when no reading gets there."""
+    for i, point in enumerate(curve):
+        if point[2] >= target:
+            if i == 0:
+                return float(point[axis])
+            before = curve[i - 1]
+            return before[axis] + (target - before[2]) / (point[2] - before[2]) * (point[axis] - before[axis])
+    return None

@@ -57,6 +57,7 @@ from frugalrl.bench.report import publish, run_child, table
 from frugalrl.bench.stats import Estimate, mean_ci, ratio_ci
 from frugalrl.config import Config, changed_options, config_to_dict, flatten, load_config
 from frugalrl.models import resolve_model_path
+from frugalrl.recovery import read_metrics
 
 TRAIN_DEFAULTS = ["output_dir=runs/bench-train", "max_wall_s=0", "eval.pass_k=0", "data.eval_size=512",
                   "data.seed=0"]
@@ -239,10 +240,16 @@ def stage_one(cfg: Config, log: Path) -> tuple[float, int]:
     return seconds, info["prompts"] * info["n"]
 
 
+def eval_curve(rows: list[dict]) -> list[tuple[float, int, float]]:
+    """A frugalrl run's held-out accuracy readings: (training seconds, completions sampled,
+    accuracy) each, from the rows of its metrics.jsonl (evaluation time is not in the seconds)."""
+    return [(r["wall_s"], r["samples"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+
+
 def _record(label: str, seed: int, run_dir: Path, process_s: float, rss: float, **stage1) -> RunRecord:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "reward_mean" in r]
-    curve = [(r["wall_s"], r["samples"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    curve = eval_curve(rows)
     passes = load_config(run_dir / "config.yaml").train.ppo_epochs  # tokens_trained counts one pass
     return RunRecord(label, seed, curve, steps[-1]["wall_s"], process_s, rss,
                      sum(r["tokens_generated"] for r in steps), passes * sum(r["tokens_trained"] for r in steps),
