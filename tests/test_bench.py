@@ -354,47 +354,37 @@ def test_bench_profile(tmp_path, toy_options):
 
 
 def test_bench_peer(tmp_path, toy_options):
+    """TRL for real, with its defaults (bench.trl=same is built by test_peer_trl_settings_* and
+    trained by the budget bench's DASH-vs-TRL runs): an optimizer step every 8 completions (2 per
+    rollout batch of 16), seconds per rollout batch, accuracy curves on both sides, equal samples,
+    the label's page and keys; then bench.resume reuses both runs."""
     # no skip without trl: `make test` installs the bench extra, and this is the test that TRL really trains
     from frugalrl.config import load_config
 
-    rc = main(["bench", "peer", *toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1",
-               "bench.rounds=1", "seed=5", "rollout.batch_prompts=4", "rollout.group_size=2", "train.micro_batch=4"])
-    assert rc == 0
-    summary = _summary(tmp_path)
-    for key in ("step_time_ratio_ours_vs_trl", "peak_rss_ratio_ours_vs_trl", "peer_trl_s_per_step",
-                "peer_trl_peak_rss_mb"):
-        assert summary[key] > 0
-        assert summary[f"{key}_ci_low"] is None and summary[f"{key}_ci_high"] is None  # one round: no interval
-    assert summary["peer_completions"] == 16  # 2 steps x 4 prompts x G=2
-    page = (tmp_path / "results" / "peer.md").read_text()
-    assert "frugalrl bench peer" in page and "loss_type='grpo'" in page and "scale_rewards='group'" in page
-    # read back from TRL's GRPOConfig: epsilon is TRL's default, steps_per_generation what it derived (8 / 4)
-    assert "`epsilon=0.2`" in page and "`steps_per_generation=2`" in page and "`generation_batch_size=8`" in page
-    for side in ("frugalrl", "TRL GRPOTrainer"):
-        row = next(line for line in page.splitlines() if line.startswith(f"| {side} |"))
-        assert row.split(" | ")[3] == "16"  # completions: equal samples on both sides
-    assert "| 1 | 5 | 5 |" in page  # round 1's seeds: frugalrl's config, TRL's GRPOConfig
-    assert load_config(str(tmp_path / "runs" / "frugalrl-1" / "peer-config.yaml")).seed == 5
-    assert (tmp_path / "runs" / "trl-1" / "model" / "config.json").is_file()
-    assert (tmp_path / "results" / "peer.png").stat().st_size > 0
-
-
-def test_bench_peer_trl_defaults(tmp_path, toy_options):
-    """TRL's defaults for real: an optimizer step every 8 completions (2 per rollout batch of 16),
-    seconds per rollout batch, accuracy curves on both sides, the label's page and keys; then
-    bench.resume reuses both runs."""
     options = [*toy_options, f"output_dir={tmp_path / 'runs'}", "bench.steps=2", "bench.warmup=1", "bench.rounds=1",
-               "rollout.batch_prompts=8", "rollout.group_size=2", "algo.estimator=rloo", "bench.trl=defaults",
-               "bench.eval_every=1", "bench.label=toy", "data.eval_size=8"]
+               "seed=5", "rollout.batch_prompts=8", "rollout.group_size=2", "algo.estimator=rloo",
+               "bench.trl=defaults", "bench.eval_every=1", "bench.label=toy", "data.eval_size=8"]
     assert main(["bench", "peer", *options]) == 0
     summary = _summary(tmp_path)
-    assert summary["toy_step_time_ratio_vs_trl"] > 0 and summary["toy_peer_completions"] == 32
+    for key in ("toy_step_time_ratio_vs_trl", "toy_peak_rss_ratio_vs_trl", "toy_peer_trl_s_per_step"):
+        assert summary[key] > 0
+        assert summary[f"{key}_ci_low"] is None and summary[f"{key}_ci_high"] is None  # one round: no interval
+    assert summary["toy_peer_completions"] == 32  # 2 steps x 8 prompts x G=2
     page = (tmp_path / "results" / "peer-toy.md").read_text()
+    # read back from TRL's GRPOConfig: its own defaults, steps_per_generation what it derived (16 / 8)
     assert "`steps_per_generation=2`" in page and "`max_steps=4`" in page and "`learning_rate=1e-06`" in page
+    assert "`loss_type='dapo'`" in page and "`generation_batch_size=16`" in page
+    for side in ("frugalrl", "TRL GRPOTrainer"):
+        row = next(line for line in page.splitlines() if line.startswith(f"| {side} |"))
+        assert row.split(" | ")[3] == "32"  # completions: equal samples on both sides
+    assert "| 1 | 5 | 5 |" in page  # round 1's seeds: frugalrl's config, TRL's GRPOConfig
+    assert load_config(str(tmp_path / "runs" / "frugalrl-1" / "peer-config.yaml")).seed == 5
     for side in ("frugalrl", "trl"):
         result = json.loads((tmp_path / "runs" / f"{side}-1" / "peer-result.json").read_text())
         assert [point[1] for point in result["curve"]] == [0, 16, 32]  # before, after each rollout batch
         assert len(result["step_end_s"]) == (2 if side == "frugalrl" else 4)
+        assert (tmp_path / "runs" / f"{side}-1" / "model" / "config.json").is_file()
+    assert (tmp_path / "results" / "peer-toy.png").stat().st_size > 0
     assert (tmp_path / "results" / "peer-toy-curves.png").stat().st_size > 0
     stamps = {side: (tmp_path / "runs" / f"{side}-1" / "peer.log").stat().st_mtime for side in ("frugalrl", "trl")}
     assert main(["bench", "peer", *options, "bench.resume=true"]) == 0
@@ -507,6 +497,7 @@ def test_peer_trl_settings_come_from_the_grpo_config():
     line = trl_settings_line(trl_settings(args))
     assert "`epsilon=0.3`" in line and "`top_k=5`" in line and "`learning_rate=0.001`" in line
     assert "`lr_scheduler_type='cosine'`" in line and "`gradient_accumulation_steps=2`" in line
+    assert "`loss_type='grpo'`" in line and "`scale_rewards='group'`" in line  # frugalrl's grpo, in TRL's terms
     assert "seed" not in line  # per round, in its own table
 
 
