@@ -103,6 +103,12 @@ class Learner:
         # what ``_loss`` reports, fixed up front: ranks sum them even when one had no sample
         self.metric_names = list(dict.fromkeys(name for term in self.terms for name in term.metric_names))
 
+    def _forward(self, model, part: Rollout, **outputs):
+        """``forward_completions`` of ``model`` over ``part`` at the sampling temperature, each
+        shared prompt run once as ``train.share_prompts`` says."""
+        return forward_completions(model, part, self.cfg.rollout.temperature,
+                                   share_prompts=self.cfg.train.share_prompts, **outputs)
+
     def _any(self, need: str) -> bool:
         return any(getattr(term, need) for term in self.terms)
 
@@ -191,7 +197,7 @@ class Learner:
         eval mode: the sampling policy's log-probs are those of the model as it sampled, without
         dropout, and so are the reference's and what the loss terms read (``LossTerm.observe``).
         Also returns the terms' sums over this rank's samples (``LossTerm.finish``)."""
-        cfg, mask = self.cfg, rollout.completion_mask
+        mask = rollout.completion_mask
         const = LossInputs(advantages)
         hidden = self._any("needs_hidden")
         if self.need_old:
@@ -206,16 +212,14 @@ class Learner:
             width = part.completion_mask.shape[1]
             if self.need_old or hidden:
                 with eval_mode(self.model):
-                    out = forward_completions(self.model, part, cfg.rollout.temperature, hidden=hidden,
-                                              share_prompts=cfg.train.share_prompts)
+                    out = self._forward(self.model, part, hidden=hidden)
                 if not dummy:
                     if self.need_old:
                         const.old_logprobs[index, :width] = out.logprobs
                     for term in self.terms:
                         term.observe(const, index, out, part.completion_mask)
             if self.reference is not None:
-                ref = forward_completions(self.reference, part, cfg.rollout.temperature,
-                                          share_prompts=cfg.train.share_prompts).logprobs
+                ref = self._forward(self.reference, part).logprobs
                 if not dummy:
                     const.ref_logprobs[index, :width] = ref
         sums = {key: value for term in self.terms for key, value in term.finish(const, rewards, mask).items()}
@@ -237,14 +241,12 @@ class Learner:
         totals = dict.fromkeys(self.metric_names, 0.0)
         for micro in self._passes(index, rollout):
             if micro is None:  # a pass with zero loss, for FSDP's collectives (``_passes``)
-                forward_completions(self.model, rollout.select([0]).trimmed(), cfg.rollout.temperature
-                                    ).logprobs.sum().mul(0.0).backward()
+                self._forward(self.model, rollout.select([0]).trimmed()).logprobs.sum().mul(0.0).backward()
                 continue
             part = rollout.select(micro).trimmed()
             with phase("forward"):
-                out = forward_completions(self.model, part, cfg.rollout.temperature,
-                                          entropy=self._any("needs_entropy"), hidden=self._any("needs_hidden"),
-                                          share_prompts=cfg.train.share_prompts)
+                out = self._forward(self.model, part, entropy=self._any("needs_entropy"),
+                                    hidden=self._any("needs_hidden"))
                 loss, metrics = self._loss(out, part.completion_mask,
                                            const.select(micro, part.completion_mask.shape[1]), norm)
             with phase("backward"):
