@@ -751,3 +751,21 @@ def test_bench_real_verdicts():
     rows = conclusions({}, {}, {}, None, [(None, 640.0), (None, 960.0)])
     assert ["target not reached within the budget: skip in 2 of 2 seeds, rloo_pool64 in 0 of 2",
             "does not hold"] == rows[-1][1:]
+
+
+def test_rollout_bench_counts_a_shared_prefix_once():
+    import torch
+
+    from frugalrl import fastgen
+    from frugalrl.bench.rollout import prefilled_tokens
+
+    n = fastgen.MIN_SHARED_PREFIX + 2
+    lengths = [n + 3, n + 1, n + 6]
+    P = max(lengths)
+    mask = (torch.arange(P) >= P - torch.tensor(lengths).unsqueeze(1)).long()
+    ids = torch.randint(3, 50, (3, P), generator=torch.Generator().manual_seed(0))
+    for row, length in zip(ids, lengths):
+        row[P - length:P - length + n] = torch.arange(n) + 3  # every prompt starts alike
+    assert prefilled_tokens(ids, mask) == sum(lengths) - 2 * n  # the prefix once, each rest once
+    ids[1, P - lengths[1]] = 99  # no common start: every prompt whole
+    assert prefilled_tokens(ids, mask) == sum(lengths)

@@ -30,9 +30,9 @@ Protocol of ``frugalrl bench rollout``:
   overestimate): the share of the machine's arithmetic that the sampler does, where
   ``rollout_fraction_of_ceiling`` is the share that ends up as new tokens.
 * ``bench.group_size`` G > 1 samples as training does: B / G distinct prompts, each G times
-  (fastgen prefills each once; HF ``generate`` prefills every row). The training pass then
-  shares each prompt within a micro-batch (``train.share_prompts``) while its tokens/s still
-  count every row's prompt.
+  (fastgen prefills each once, and a prefix they all start with once: ``prefilled_tokens``; HF
+  ``generate`` prefills every row). The training pass runs whole rows either way, so that its
+  tokens/s are tokens computed.
 * ``bench.label`` (e.g. ``real`` for SmolLM2) writes ``rollout-LABEL.md`` and summary keys
   ``LABEL_rollout_ceiling_fraction``, ``LABEL_train_ceiling_fraction`` and
   ``LABEL_work_ceiling_fraction`` (plus LABEL-prefixed tokens/s), so that several models' pages
@@ -86,6 +86,14 @@ def flops_per_token(model, context: float) -> float:
     non_embedding = params - embed.numel() - (0 if head is embed else head.numel())
     width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     return 2 * non_embedding + 2 * head.numel() + 4 * c.num_hidden_layers * width * context
+
+
+def prefilled_tokens(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Prompt tokens fastgen prefills for the distinct left-padded prompts ``ids`` (U, P): each
+    once, and a prefix that all of them start with once (``fastgen.shared_prefix``)."""
+    n = fastgen.shared_prefix(ids, mask)
+    n = n if n >= fastgen.MIN_SHARED_PREFIX else 0
+    return int(mask.sum()) - (ids.shape[0] - 1) * n
 
 
 def _time_call(fn, device: torch.device, tokens: int) -> float:
@@ -175,7 +183,7 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         prompts = [r["prompt"] for r in task.train_rows[:B // G] for _ in range(G)]
         enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, prompts).items()}
         context[B] = enc["input_ids"].shape[1] + T / 2
-        prefill[B] = int(enc["attention_mask"][::G].sum())  # fastgen prefills each distinct prompt once
+        prefill[B] = prefilled_tokens(enc["input_ids"][::G], enc["attention_mask"][::G])
         samplers = _samplers(model, enc, T, tokenizer.pad_token_id, ro.temperature, ro.top_p)
         speeds = {name: [] for name in samplers}
         with torch.no_grad():
@@ -230,8 +238,7 @@ def run(cfg: Config, opts: RolloutOptions, command: str, console: Console) -> di
         f"Training (the {top} prompts with their completions, forward and backward in micro-batches of "
         f"{cfg.train.micro_batch}, median of {opts.rounds}): {trained:,.0f} tokens/s against a ceiling of "
         f"{train_ceiling:,.0f} (6 x {params / 1e6:.1f} M FLOPs per token): **{fractions['train']:.2f}** of it"
-        + (" (every row's prompt counted, though a micro-batch runs a shared prompt once: `train.share_prompts`)"
-           if G > 1 else "") + ". "
+        " (whole rows, every token computed; `train.share_prompts` computes fewer). "
         f"Generation at {top} prompts: **{fractions['rollout']:.2f}** of its ceiling in generated tokens; "
         f"counting the {prefill[top]:,} prompt tokens prefilled per call as well ({prefill[top] / (top * T):.2f} per "
         f"generated token, each costed as a generated one), the arithmetic done is **{fractions['work']:.2f}** of "
