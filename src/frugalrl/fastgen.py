@@ -377,6 +377,12 @@ def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
     return int(differs.float().argmax()) if differs.any() else n
 
 
+def prefix_to_share(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """``shared_prefix`` where it is worth running once (at least ``MIN_SHARED_PREFIX`` tokens), else 0."""
+    n = shared_prefix(ids, mask)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 def _prefill_rows(net: _Net, ids, mask, k_out, v_out, past=None) -> torch.Tensor:
     """``net.prefill`` over the rows ``_PREFILL_ROWS`` at a time; the logits of their last position."""
     logits = []
@@ -393,7 +399,7 @@ def _prefill(net: _Net, ids, mask, k_cache, v_cache, dedup: bool = True) -> tupl
 
     Identical prompts (a group of G samples of one prompt) are run once and their keys and
     values copied to every row that repeats them. A prefix that every distinct prompt starts
-    with (``shared_prefix``, at least ``MIN_SHARED_PREFIX`` tokens) is run once too: it fills
+    with (``prefix_to_share``) is run once too: it fills
     columns [0, n) of every row, and the rest of each prompt, left-padded, columns [n, P), where
     the prompt's own left padding was. Attention does not depend on the order of the keys, and
     each key carries its position, so only the column mask changes.
@@ -408,9 +414,7 @@ def _prefill(net: _Net, ids, mask, k_cache, v_cache, dedup: bool = True) -> tupl
         else:
             inverse = None
     U = ids.shape[0]
-    n = shared_prefix(ids, mask) if dedup else 0
-    if n < MIN_SHARED_PREFIX:
-        n = 0
+    n = prefix_to_share(ids, mask) if dedup else 0
     if inverse is None and not n:  # straight into the cache
         k_out = [k[:P].view(P, B, nkv, d) for k in k_cache]
         v_out = [v[:P].view(P, B, nkv, d) for v in v_cache]

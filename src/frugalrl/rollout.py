@@ -217,29 +217,36 @@ def prompt_groups(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
-def _prefix(prompts: Rollout) -> int:
-    """Tokens that all of ``prompts`` (distinct, trimmed) start with and that are worth running
-    once (``fastgen.shared_prefix``, at least ``fastgen.MIN_SHARED_PREFIX``), else 0."""
-    n = fastgen.shared_prefix(prompts.prompt_ids, prompts.prompt_mask)
-    return n if n >= fastgen.MIN_SHARED_PREFIX else 0
+def _prompt_plan(rollout: Rollout) -> tuple[torch.Tensor, Rollout, int]:
+    """How ``_shared_prompt_forward`` runs ``rollout``'s prompts: (N,) the distinct prompt of each
+    row (``prompt_groups``), the U distinct prompts (trimmed among themselves), and the tokens
+    they all start with that run once (``fastgen.prefix_to_share``; 0 for none)."""
+    first, inverse = prompt_groups(rollout)
+    prompts = rollout.select(first).trimmed()
+    return inverse, prompts, fastgen.prefix_to_share(prompts.prompt_ids, prompts.prompt_mask)
+
+
+def _shared_tokens(rollout: Rollout, plan: tuple[torch.Tensor, Rollout, int]) -> int | None:
+    """Token positions that ``_shared_prompt_forward`` feeds the model for ``rollout`` under
+    ``plan`` (``_prompt_plan``); None where there is nothing to share (one call over whole rows
+    then, not two)."""
+    _, prompts, n = plan
+    N, U, T = len(rollout), len(prompts), rollout.completion_ids.shape[1]
+    if not T or (U == N and not n):
+        return None
+    return n + U * (prompts.prompt_ids.shape[1] - n) + N * (T - 1)
 
 
 def tokens_fed(rollout: Rollout, share_prompts: bool) -> int:
     """Token positions (padding included) that ``forward_completions`` feeds the model for
     ``rollout`` (trimmed as a micro-batch is): N x (P + T) for whole rows; with shared prompts,
     where a prompt repeats or all start alike, n for the prefix that every prompt starts with
-    (``_prefix``), U x (P' - n) for the rest of the U distinct prompts (trimmed among themselves
-    to P') and N x (T - 1) for the completions, if that is fewer. The cost that ``update``
-    orders micro-batches by."""
-    N, P, T = len(rollout), rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-    whole = N * (P + T)
-    if not share_prompts or not T:
-        return whole
-    prompts = rollout.select(prompt_groups(rollout)[0]).trimmed()
-    U, n = len(prompts), _prefix(prompts)
-    if U == N and not n:  # nothing to share: one call over whole rows, not two
-        return whole
-    return min(whole, n + U * (prompts.prompt_ids.shape[1] - n) + N * (T - 1))
+    (``fastgen.prefix_to_share``), U x (P' - n) for the rest of the U distinct prompts (trimmed
+    among themselves to P') and N x (T - 1) for the completions, if that is fewer. The cost that
+    ``update`` orders micro-batches by."""
+    whole = len(rollout) * (rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1])
+    shared = _shared_tokens(rollout, _prompt_plan(rollout)) if share_prompts else None
+    return whole if shared is None else min(whole, shared)
 
 
 def _cache_argument(model) -> str | None:
@@ -253,9 +260,9 @@ def _cache_argument(model) -> str | None:
                           if hasattr(type(inner), name)), None)  # renamed in transformers 5.x
     if forward is None or (checkpointing and getattr(inner, checkpointing)) or sharding.is_sharded(model):
         return None
-    params = inspect.signature(forward).parameters
-    if "logits_to_keep" not in params:
+    if not _keeps_logits(model):
         return None
+    params = inspect.signature(forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
@@ -277,23 +284,22 @@ def shares_prompts(model) -> bool:
     return params / inner.config.num_hidden_layers >= MIN_LAYER_PARAMS
 
 
-def _shared_prompt_forward(model, rollout: Rollout, hidden: bool):
+def _shared_prompt_forward(model, rollout: Rollout, plan: tuple[torch.Tensor, Rollout, int], hidden: bool):
     """Logits (N, T, V) that predict each completion token, and the last layer's hidden states
     (N, T, H) they come from (None unless ``hidden``), with each distinct prompt run once.
 
-    The prefix that every distinct prompt starts with (``_prefix``: a chat template's system
-    prompt), if any, runs first, then the rest of the U distinct prompts on its KV cache, then
+    ``plan``: ``_prompt_plan(rollout)``. The prefix that every distinct prompt starts with (a chat
+    template's system prompt), if any, runs first, then the rest of the U distinct prompts on its KV cache, then
     the completions on theirs; each cache is expanded to the next level's rows by an index, so
     the gradient of every row reaches the activations it shares. The prompt's last position
     predicts the first completion token; a completion's last token predicts nothing, so it is
     not run. Same positions and attention as ``Rollout.model_inputs``: only round-off differs.
     """
     name = _cache_argument(model)
-    first, inverse = prompt_groups(rollout)
-    prompts = rollout.select(first).trimmed()
+    inverse, prompts, n = plan
     ids, mask = prompts.prompt_ids, prompts.prompt_mask.long()
     U, P = ids.shape
-    n, before = _prefix(prompts), {}
+    before = {}
     if n:
         start = P - int(mask[0].sum())  # the first distinct prompt's first real column
         prefix = model(input_ids=ids[:1, start:start + n], use_cache=True, logits_to_keep=1,
@@ -336,12 +342,13 @@ def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, en
     answers, that is most of a training pass's tokens. Otherwise every row runs whole. Whether
     it pays for a model at all is ``shares_prompts``'s to say.
     """
-    T = rollout.completion_ids.shape[1]
-    if share_prompts and _cache_argument(model) and tokens_fed(rollout, True) < tokens_fed(rollout, False):
-        logits, states = _shared_prompt_forward(model, rollout, hidden)
+    P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    plan = _prompt_plan(rollout) if share_prompts and _cache_argument(model) else None
+    shared = None if plan is None else _shared_tokens(rollout, plan)
+    if shared is not None and shared < len(rollout) * (P + T):
+        logits, states = _shared_prompt_forward(model, rollout, plan, hidden)
     else:
         inputs = rollout.model_inputs()
-        P = rollout.prompt_ids.shape[1]
         if _keeps_logits(model):
             # Logits at the completion's positions only: a prompt position's logits are never used, and
             # with a large vocabulary (SmolLM2: 49,152) they cost as much as the rest of the forward pass.

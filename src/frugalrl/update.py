@@ -304,8 +304,9 @@ class Learner:
         if share:
             orders.append([completion, prompt_groups(rollout)[1][index], prompt])  # the last key is the primary
         splits = [_micro_batches(index[_lexsort(keys)], size) for keys in orders]
-        batches = list(min(splits, key=lambda split: sum(tokens_fed(rollout.select(b).trimmed(), share)
-                                                         for b in split)))
+        # the cheaper order, where there are two to choose from
+        batches = list(splits[0] if len(splits) == 1 else min(
+            splits, key=lambda split: sum(tokens_fed(rollout.select(b).trimmed(), share) for b in split)))
         if not self.sharded:
             return batches
         most = int(self.dist.max([len(batches)])[0])

@@ -90,9 +90,8 @@ def flops_per_token(model, context: float) -> float:
 
 def prefilled_tokens(ids: torch.Tensor, mask: torch.Tensor) -> int:
     """Prompt tokens fastgen prefills for the distinct left-padded prompts ``ids`` (U, P): each
-    once, and a prefix that all of them start with once (``fastgen.shared_prefix``)."""
-    n = fastgen.shared_prefix(ids, mask)
-    n = n if n >= fastgen.MIN_SHARED_PREFIX else 0
+    once, and a prefix that all of them start with once (``fastgen.prefix_to_share``)."""
+    n = fastgen.prefix_to_share(ids, mask)
     return int(mask.sum()) - (ids.shape[0] - 1) * n
 
 
