@@ -85,5 +85,5 @@ def run(cfg: Config, opts: ProfileOptions, command: str, console: Console) -> di
     ]
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    return publish(results_dir, opts.page("profile"), "Profile bench: where a training step's time goes", command, sections, summary,
-                   console)
+    return publish(results_dir, opts.page("profile"), "Profile bench: where a training step's time goes", command,
+                   sections, summary, console)
