@@ -187,9 +187,9 @@ def _grouped_rollout(vocab: int, completion_width: int, prefix: int = 0) -> Roll
     return Rollout(prompt_ids, prompt_mask, ids, mask, torch.zeros(U * G, dtype=torch.bool), [""] * (U * G))
 
 
-def _outputs_and_grads(model, ro, share):
+def _outputs_and_grads(model, ro, packing):
     model.zero_grad(set_to_none=True)
-    out = forward_completions(model, ro, 0.7, entropy=True, hidden=True, share_prompts=share)
+    out = forward_completions(model, ro, 0.7, entropy=True, hidden=True, packing=packing)
     mask = ro.completion_mask
     (out.logprobs.sum() + out.entropy.sum() + (out.hidden * mask.unsqueeze(-1)).sum()).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -198,11 +198,11 @@ def _outputs_and_grads(model, ro, share):
 
 @pytest.mark.parametrize("lora_policy", [False, True])
 @pytest.mark.parametrize("width, prefix", [(1, 0), (5, 0), (5, 10)])
-def test_shared_prompts_give_whole_rows_outputs_and_gradients(lora_policy, width, prefix):
-    """Each distinct prompt run once (and a prefix they all start with, once), its KV cache shared
-    by its rows: the log-probs, entropies, hidden states and parameter gradients of whole rows,
-    up to round-off, with fewer tokens fed; for a LoRA policy and for its reference (the adapter
-    off) too."""
+def test_packed_rows_give_whole_rows_outputs_and_gradients(lora_policy, width, prefix):
+    """Rows packed into one sequence (each distinct prompt once, a prefix they all start with once,
+    no padding), a tree-shaped attention mask: the log-probs, entropies, hidden states and
+    parameter gradients of whole rows, up to round-off, from one call over fewer tokens; for a
+    LoRA policy and for its reference (the adapter off) too."""
     import peft
 
     torch.manual_seed(0)
@@ -215,7 +215,8 @@ def test_shared_prompts_give_whole_rows_outputs_and_gradients(lora_policy, width
                 if "lora_B" in name:
                     p.normal_(std=0.2)
     ro = _grouped_rollout(97, width, prefix)
-    whole, whole_grads = _outputs_and_grads(model, ro, False)
+    packing = rollout.packing_cost(model)
+    whole, whole_grads = _outputs_and_grads(model, ro, None)
     inner = model.get_base_model() if lora_policy else model
     forward, fed = inner.forward, []
 
@@ -225,11 +226,14 @@ def test_shared_prompts_give_whole_rows_outputs_and_gradients(lora_policy, width
         return forward(*args, **kwargs)
 
     inner.forward = counting
-    shared, grads = _outputs_and_grads(model, ro, True)
+    shared, grads = _outputs_and_grads(model, ro, packing)
     inner.forward = forward
-    # the prefix (1 row), the 3 prompts' rest, the 12 completions but their last token
-    assert fed == [(1, prefix)] * bool(prefix) + [(3, 7)] + [(12, width - 1)] * (width > 1)
-    assert rollout.tokens_fed(ro, True) == sum(rows * width for rows, width in fed) < rollout.tokens_fed(ro, False)
+    # one call: the prefix once, the 3 prompts' own 7 + 4 + 6 tokens, the 12 completions but their last token
+    L = prefix + 17 + int((ro.completion_mask.sum(1) - 1).sum())
+    assert fed == [(1, L)]
+    width = ro.prompt_ids.shape[1] + ro.completion_ids.shape[1]
+    assert rollout.tokens_fed(ro, packing) == pytest.approx(L * (1 + packing * L))
+    assert rollout.tokens_fed(ro, packing) < 12 * width * (1 + packing * width)
     mask = ro.completion_mask
     torch.testing.assert_close(shared.logprobs, whole.logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.entropy, whole.entropy, atol=1e-5, rtol=1e-5)
@@ -241,15 +245,40 @@ def test_shared_prompts_give_whole_rows_outputs_and_gradients(lora_policy, width
     if lora_policy:
         reference = lora.AdapterDisabled(model)
         with torch.no_grad():
-            ref = [forward_completions(reference, ro, 0.7, share_prompts=s).logprobs for s in (False, True)]
+            ref = [forward_completions(reference, ro, 0.7, packing=p).logprobs for p in (None, packing)]
         torch.testing.assert_close(ref[1], ref[0], atol=1e-5, rtol=1e-5)
         assert (ref[0] - whole.logprobs).abs().max() > 1e-3  # the adapter was off
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
-def test_prompts_are_not_shared_where_the_cache_is_dropped(tiny_model_dir, lora_r):
-    """Gradient checkpointing drops the KV cache in training: whole rows then."""
+def test_rows_pack_under_gradient_checkpointing_not_under_flash_attention(tiny_model_dir, lora_r):
+    """A packed pass is one call with no KV cache: gradient checkpointing (and LoRA) keep it; an
+    attention kernel that ignores a 4D mask (flash-attention) gets whole rows."""
     for checkpointing in (False, True):
         cfg = load_config(overrides=[f"model.gradient_checkpointing={checkpointing}", f"lora.r={lora_r}"])
         model = prepare_for_training(LlamaForCausalLM.from_pretrained(tiny_model_dir), cfg)
-        assert (rollout._cache_argument(model) is None) == checkpointing
+        assert rollout.packing_cost(model) > 0
+    rollout._inner(model).config._attn_implementation = "flash_attention_2"
+    assert rollout.packing_cost(model) is None
+
+
+def test_packing_is_chosen_where_it_costs_less():
+    """Groups that repeat a long prompt pack (their prompt once); distinct prompts of equal length
+    with long completions, where packing saves no padding, stay whole rows: a dense L x L mask
+    would cost more attention than it saves in tokens."""
+    g = torch.Generator().manual_seed(0)
+    N, P, T = 16, 40, 30
+
+    def rows(prompts):
+        return Rollout(prompts, torch.ones(N, P, dtype=torch.long), torch.randint(3, 97, (N, T), generator=g),
+                       torch.ones(N, T), torch.zeros(N, dtype=torch.bool), [""] * N)
+
+    distinct = rows(torch.randint(3, 97, (N, P), generator=g))
+    grouped = rows(torch.randint(3, 97, (N // 4, P), generator=g).repeat_interleave(4, 0))
+    packing = 2 * 128 * 4 / 1.05e6  # the embedded model's
+    assert rollout._plan(distinct, packing)[1] is None
+    assert rollout.tokens_fed(distinct, packing) == pytest.approx(N * (P + T) * (1 + packing * (P + T)))
+    cost, packed = rollout._plan(grouped, packing)
+    L = N // 4 * P + N * (T - 1)
+    assert len(packed) == L and cost == pytest.approx(L * (1 + packing * L))
+    assert rollout._plan(grouped, None)[1] is None

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from frugalrl.config import load_config
 from frugalrl.critic import outcome_token_rewards
-from frugalrl import rollout as rollout_module
 from frugalrl.rollout import Rollout
 from frugalrl.trainer import build_estimator
 from frugalrl.update import Learner
@@ -100,11 +99,10 @@ def fed_tokens(calls) -> int:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_shared_prompts_change_only_round_off(name, tiny_model_dir, tokenizer, monkeypatch):
+def test_shared_prompts_change_only_round_off(name, tiny_model_dir, tokenizer):
     """Samples in groups of 2 per prompt: with train.share_prompts each distinct prompt of a
     micro-batch runs once (fewer tokens go through the model, its constants pass and reference
     included) and the update is that of whole rows, for every loss the Learner builds."""
-    monkeypatch.setattr(rollout_module, "MIN_LAYER_PARAMS", 0)  # the tiny model's layers share too
     # prompts as long as a chat model's, answers of LENGTHS: sharing the prompts pays
     rollout = make_rollout(tokenizer, [f"{p} Reply with the number only." for p in PROMPTS[:N // 2] for _ in range(2)])
     runs = {}
@@ -124,11 +122,10 @@ def test_shared_prompts_change_only_round_off(name, tiny_model_dir, tokenizer, m
         assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
-def test_micro_batches_keep_a_group_together(tiny_model_dir, tokenizer, monkeypatch):
+def test_micro_batches_keep_a_group_together(tiny_model_dir, tokenizer):
     """With shared prompts (long prompts, short answers: sharing feeds fewer tokens), micro-batches
     follow prompt length, then prompt: a group's samples share a micro-batch (its prompt runs
     once); without, they follow the whole row's length."""
-    monkeypatch.setattr(rollout_module, "MIN_LAYER_PARAMS", 0)
     prompts = [f"{PROMPTS[i]} Reply with the number only." for i in (5, 0, 5, 1, 0, 1, 7, 7)]  # 4 groups of 2
     rollout = make_rollout(tokenizer, prompts)
     batches = make_learner(tiny_model_dir, [], micro_batch=2)._passes(torch.arange(N), rollout)
@@ -138,19 +135,6 @@ def test_micro_batches_keep_a_group_together(tiny_model_dir, tokenizer, monkeypa
     whole = make_learner(tiny_model_dir, ["train.share_prompts=false"], micro_batch=2)._passes(torch.arange(N), rollout)
     sizes = [int(rollout.prompt_mask[i].sum() + rollout.completion_mask[i].sum()) for b in whole for i in b.tolist()]
     assert sizes == sorted(sizes) and any(len({prompts[i] for i in b.tolist()}) == 2 for b in whole)
-
-
-def test_prompts_are_shared_only_where_layers_are_large(tiny_model_dir, tokenizer):
-    """A layer of a few thousand parameters costs its calls, not its tokens: whole rows (and the
-    whole-row order); from 1 M parameters a layer, shared prompts."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    assert not make_learner(tiny_model_dir, []).share
-    big = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
-                                       num_attention_heads=4))  # 4 x 256^2 + 3 x 256 x 1024 = 1.05 M
-    assert rollout_module.shares_prompts(big)
-    assert not rollout_module.shares_prompts(LlamaForCausalLM(LlamaConfig(
-        vocab_size=97, hidden_size=256, intermediate_size=768, num_hidden_layers=1, num_attention_heads=4)))
 
 
 def test_off_policy_updates_report_clip_and_critic_metrics(tiny_model_dir, tokenizer):
@@ -181,7 +165,8 @@ def count_forwards(model):
 ])
 def test_filtered_samples_are_never_forwarded(overrides, passes, tiny_model_dir, tokenizer):
     rollout = make_rollout(tokenizer)
-    learner = make_learner(tiny_model_dir, overrides, micro_batch=2)
+    # whole rows, so that a call's rows are its samples (packed, a call is one row of several)
+    learner = make_learner(tiny_model_dir, [*overrides, "train.share_prompts=false"], micro_batch=2)
     calls = count_forwards(learner.model)
     ref_calls = count_forwards(learner.reference) if learner.reference is not None else []
     stats, _ = run_update(learner, rollout)

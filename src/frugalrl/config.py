@@ -136,10 +136,9 @@ class TrainConfig(Section):
     weight_decay: Float = opt(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: Float = opt(1.0, "gradient-norm clip (0 = off)", ge=0)
     micro_batch: Int = opt(16, "sequences per forward/backward pass (sets memory, not the update)", ge=1)
-    share_prompts: bool = opt(True, "run each distinct prompt of a micro-batch once (and a prefix all prompts "
-                              "start with), its completions on its KV cache, where that feeds fewer tokens and "
-                              "the model's layers have >= 1 M parameters (whole rows under fsdp or gradient "
-                              "checkpointing)")
+    share_prompts: bool = opt(True, "pack a micro-batch into one sequence, each distinct prompt (and a prefix all "
+                              "prompts start with) once, no padding, a tree-shaped attention mask, where that "
+                              "costs less, attention included (whole rows under flash-attention)")
     filter_threshold: Float = opt(0.0, "skip samples with |advantage| <= this before their forward pass", ge=0)
     ppo_epochs: Int = opt(1, "passes over each rollout batch (> 1 = off-policy updates with the PPO clip)", ge=1)
     mini_batches: Int = opt(1, "optimizer steps per pass over the rollout batch (> 1 = off-policy)", ge=1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from frugalrl import fastgen, lora, sharding
+from frugalrl import fastgen, lora
 from frugalrl.distributed import private_rng
 from frugalrl.losses import TokenOutputs  # what the losses read: the rollout knows them, never the reverse
 
@@ -217,136 +217,147 @@ def prompt_groups(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
-def _prompt_plan(rollout: Rollout) -> tuple[torch.Tensor, Rollout, int]:
-    """How ``_shared_prompt_forward`` runs ``rollout``'s prompts: (N,) the distinct prompt of each
-    row (``prompt_groups``), the U distinct prompts (trimmed among themselves), and the tokens
-    they all start with that run once (``fastgen.prefix_to_share``; 0 for none)."""
+# Packed forward passes are built only up to this many tokens: the attention mask is L x L.
+MAX_PACKED_TOKENS = 4096
+
+
+@dataclass
+class Packed:
+    """A rollout's N rows as one sequence of L tokens, each token computed once: the prefix that
+    every distinct prompt starts with, then the rest of each of the U distinct prompts, then each
+    row's completion but its last token; no padding. A tree, not a chain: a token sees (``mask``)
+    the tokens before it on its own branch only (prefix -> its prompt -> its row's completion),
+    at the position it has in its own row (``Rollout.model_inputs``).
+
+    input_ids, position_ids: (1, L). prompt_of: (L,) the distinct prompt a token belongs to
+    (-1: the shared prefix; a completion token: its row's prompt). row_of: (L,) the row of a
+    completion token (-1: a prompt token). keep: (M,) the packed index whose logits predict each
+    completion token, M = the true entries of ``completion_mask`` in row-major order.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_of: torch.Tensor
+    row_of: torch.Tensor
+    keep: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[1]
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(1, 1, L, L) additive attention mask: 0 where query i may see key j, else dtype's minimum."""
+        L = len(self)
+        pos = torch.arange(L, device=self.keep.device)
+        p, r = self.prompt_of, self.row_of
+        sees = ((pos[None, :] <= pos[:, None]) & ((p[None, :] == -1) | (p[None, :] == p[:, None]))
+                & ((r[None, :] == -1) | (r[None, :] == r[:, None])))
+        return torch.zeros(L, L, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)[None, None]
+
+
+def pack(rollout: Rollout) -> Packed:
+    """``rollout`` as a ``Packed`` sequence (a group's G rows share their prompt's tokens, all rows
+    the prefix every distinct prompt starts with, ``fastgen.shared_prefix``)."""
     first, inverse = prompt_groups(rollout)
-    prompts = rollout.select(first).trimmed()
-    return inverse, prompts, fastgen.prefix_to_share(prompts.prompt_ids, prompts.prompt_mask)
+    prompts = rollout.select(first)
+    ids, real = prompts.prompt_ids, prompts.prompt_mask.bool()
+    at = real.long().cumsum(1) - 1  # each prompt token's position in its prompt
+    lengths = real.sum(1)
+    n = fastgen.shared_prefix(ids, real)
+    rest = real & (at >= n)
+    u = torch.arange(len(first), device=ids.device)[:, None].expand_as(ids)
+    done = rest.sum(1).cumsum(0)  # packed tokens up to each prompt's end, the prefix left out
+    feed = rollout.completion_mask[:, 1:].bool()  # a completion's last token predicts nothing
+    rows = torch.arange(len(rollout), device=ids.device)[:, None].expand_as(feed)
+    k = torch.arange(feed.shape[1], device=ids.device)[None].expand_as(feed)
+    start = n + int(done[-1])  # where completions begin
+    fed_before = feed.sum(1).cumsum(0) - feed.sum(1)  # each row's first completion token, after start
+    minus = torch.full((n,), -1, dtype=torch.long, device=ids.device)
+    comp = rollout.completion_mask.bool()
+    ck = torch.arange(comp.shape[1], device=ids.device)[None].expand_as(comp)
+    prompt_end = (n + done - 1)[inverse][:, None].expand_as(comp)  # predicts completion token 0
+    keep = torch.where(ck == 0, prompt_end, start + fed_before[:, None] + ck - 1)[comp]
+    return Packed(
+        input_ids=torch.cat([ids[0][real[0] & (at[0] < n)], ids[rest], rollout.completion_ids[:, :-1][feed]])[None],
+        position_ids=torch.cat([torch.arange(n, device=ids.device), at[rest],
+                                (lengths[inverse][:, None] + k)[feed]])[None],
+        prompt_of=torch.cat([minus, u[rest], inverse[:, None].expand_as(feed)[feed]]),
+        row_of=torch.cat([minus, torch.full_like(u[rest], -1), rows[feed]]),
+        keep=keep)
 
 
-def _shared_tokens(rollout: Rollout, plan: tuple[torch.Tensor, Rollout, int]) -> int | None:
-    """Token positions that ``_shared_prompt_forward`` feeds the model for ``rollout`` under
-    ``plan`` (``_prompt_plan``); None where there is nothing to share (one call over whole rows
-    then, not two)."""
-    _, prompts, n = plan
-    N, U, T = len(rollout), len(prompts), rollout.completion_ids.shape[1]
-    if not T or (U == N and not n):
-        return None
-    return n + U * (prompts.prompt_ids.shape[1] - n) + N * (T - 1)
-
-
-def tokens_fed(rollout: Rollout, share_prompts: bool) -> int:
-    """Token positions (padding included) that ``forward_completions`` feeds the model for
-    ``rollout`` (trimmed as a micro-batch is): N x (P + T) for whole rows; with shared prompts,
-    where a prompt repeats or all start alike, n for the prefix that every prompt starts with
-    (``fastgen.prefix_to_share``), U x (P' - n) for the rest of the U distinct prompts (trimmed
-    among themselves to P') and N x (T - 1) for the completions, if that is fewer. The cost that
-    ``update`` orders micro-batches by."""
-    whole = len(rollout) * (rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1])
-    shared = _shared_tokens(rollout, _prompt_plan(rollout)) if share_prompts else None
-    return whole if shared is None else min(whole, shared)
-
-
-def _cache_argument(model) -> str | None:
-    """The name under which ``model`` takes and returns a KV cache: "cache" (transformers >= 5.2x),
-    "past_key_values" (before), or None where prompts cannot be shared: no cache argument,
-    gradient checkpointing (which drops the cache in training), sharded (FSDP's collectives expect
-    one forward per backward), or no ``logits_to_keep``."""
+def packing_cost(model) -> float | None:
+    """What a query-key pair of attention costs ``model``, in units of one token through its
+    weights (4 x d x layers FLOPs against 2 x its non-embedding parameters; d = heads x head size):
+    the weight of attention in ``tokens_fed``. None where ``model`` cannot take a packed sequence
+    (an attention kernel that ignores a 4D mask, such as flash-attention, or no ``logits_to_keep``)."""
     inner = _inner(model)
-    forward = getattr(inner, "forward", None)
-    checkpointing = next((name for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
-                          if hasattr(type(inner), name)), None)  # renamed in transformers 5.x
-    if forward is None or (checkpointing and getattr(inner, checkpointing)) or sharding.is_sharded(model):
+    config = inner.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or not _keeps_logits(model):
         return None
-    if not _keeps_logits(model):
-        return None
-    params = inspect.signature(forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
-# Non-embedding parameters per layer below which sharing prompts does not pay: a layer that small
-# costs its calls (Python, dispatch) more than its tokens, and sharing adds a call or two per
-# micro-batch. Measured on 2 CPU cores, the same samples either way: the embedded model (0.26 M
-# per layer) updated in 1.05x the time with shared prompts, SmolLM2-135M (3.5 M per layer) in 0.62x.
-MIN_LAYER_PARAMS = 1_000_000
-
-
-def shares_prompts(model) -> bool:
-    """Whether ``forward_completions`` should share prompts for ``model``: it can
-    (``_cache_argument``) and its layers hold at least ``MIN_LAYER_PARAMS`` parameters each."""
-    if _cache_argument(model) is None:
-        return False
-    inner = _inner(model)
     embeddings = {id(m.weight) for m in (inner.get_input_embeddings(), inner.get_output_embeddings()) if m is not None}
     params = sum(p.numel() for p in inner.parameters() if id(p) not in embeddings)
-    return params / inner.config.num_hidden_layers >= MIN_LAYER_PARAMS
+    heads = config.num_attention_heads
+    d = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * d * config.num_hidden_layers / params
 
 
-def _shared_prompt_forward(model, rollout: Rollout, plan: tuple[torch.Tensor, Rollout, int], hidden: bool):
-    """Logits (N, T, V) that predict each completion token, and the last layer's hidden states
-    (N, T, H) they come from (None unless ``hidden``), with each distinct prompt run once.
+def _plan(rollout: Rollout, packing: float | None) -> tuple[float, Packed | None]:
+    """What ``forward_completions`` costs for ``rollout`` (trimmed, as a micro-batch is), in
+    token passes, and the ``Packed`` sequence it runs (None: whole rows). Cost: the tokens fed,
+    padding included, plus ``packing`` (``packing_cost``) x the query-key pairs attention computes.
+    Whole rows: N x (P + T) tokens, N x (P + T)^2 pairs. Packed (``pack``; where ``packing`` is not
+    None, the sequence is at most ``MAX_PACKED_TOKENS`` long and it costs less): L tokens, L^2 pairs
+    (the mask is dense)."""
+    width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
+    whole = len(rollout) * width * (1 + (packing or 0.0) * width)
+    if packing is None or not rollout.completion_ids.shape[1]:
+        return whole, None
+    packed = pack(rollout)
+    L = len(packed)
+    cost = L * (1 + packing * L)
+    return (whole, None) if L > MAX_PACKED_TOKENS or cost >= whole else (cost, packed)
 
-    ``plan``: ``_prompt_plan(rollout)``. The prefix that every distinct prompt starts with (a chat
-    template's system prompt), if any, runs first, then the rest of the U distinct prompts on its KV cache, then
-    the completions on theirs; each cache is expanded to the next level's rows by an index, so
-    the gradient of every row reaches the activations it shares. The prompt's last position
-    predicts the first completion token; a completion's last token predicts nothing, so it is
-    not run. Same positions and attention as ``Rollout.model_inputs``: only round-off differs.
-    """
-    name = _cache_argument(model)
-    inverse, prompts, n = plan
-    ids, mask = prompts.prompt_ids, prompts.prompt_mask.long()
-    U, P = ids.shape
-    before = {}
-    if n:
-        start = P - int(mask[0].sum())  # the first distinct prompt's first real column
-        prefix = model(input_ids=ids[:1, start:start + n], use_cache=True, logits_to_keep=1,
-                       attention_mask=mask[:1, start:start + n], position_ids=torch.arange(n, device=ids.device)[None])
-        before = {name: getattr(prefix, name)}
-        before[name].batch_select_indices(torch.zeros(U, dtype=torch.long, device=ids.device))
-        # the rest of each prompt, left-padded: in columns n.. of the prompt, where its mask's first P - n say
-        ids, mask = ids[:, n:], mask[:, :P - n]
-    seen = torch.cat([mask.new_ones(U, n), mask], 1)  # the prompt columns each prompt's cache holds
-    out = model(input_ids=ids, attention_mask=seen, position_ids=n + (mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1, output_hidden_states=hidden, **before)
-    logits = out.logits[inverse]
-    states = out.hidden_states[-1][inverse, -1:] if hidden else None
-    T = rollout.completion_ids.shape[1]
-    if T > 1:
-        cache = getattr(out, name)
-        cache.batch_select_indices(inverse)
-        lengths = seen.sum(1, keepdim=True)[inverse]
-        rest = model(input_ids=rollout.completion_ids[:, :-1], **{name: cache}, use_cache=True,
-                     attention_mask=torch.cat([seen[inverse], rollout.completion_mask[:, :-1].long()], dim=1),
-                     position_ids=lengths + torch.arange(T - 1, device=lengths.device),
-                     output_hidden_states=hidden)
-        logits = torch.cat([logits, rest.logits], dim=1)
-        if hidden:
-            states = torch.cat([states, rest.hidden_states[-1]], dim=1)
+
+def tokens_fed(rollout: Rollout, packing: float | None) -> float:
+    """``_plan``'s cost: the one ``update`` orders micro-batches by."""
+    return _plan(rollout, packing)[0]
+
+
+def _packed_forward(model, rollout: Rollout, packed: Packed, hidden: bool):
+    """Logits (N, T, V) that predict each completion token (0 at padding), and the last layer's
+    hidden states (N, T, H) they come from (None unless ``hidden``), from one call of ``model``
+    over ``packed``: each token, and so each weight's gradient, computed once. Same positions
+    and attention as ``Rollout.model_inputs``: only round-off differs."""
+    dtype = _inner(model).dtype
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.mask(dtype),
+                logits_to_keep=packed.keep, use_cache=False, output_hidden_states=hidden)
+    comp = rollout.completion_mask.bool()
+    logits = out.logits.new_zeros(*comp.shape, out.logits.shape[-1])
+    logits[comp] = out.logits[0]
+    if not hidden:
+        return logits, None
+    last = out.hidden_states[-1][0]
+    states = last.new_zeros(*comp.shape, last.shape[-1])
+    states[comp] = last[packed.keep]
     return logits, states
 
 
 def forward_completions(model, rollout: Rollout, temperature: float = 1.0, *, entropy: bool = False,
-                        hidden: bool = False, share_prompts: bool = False) -> TokenOutputs:
+                        hidden: bool = False, packing: float | None = None) -> TokenOutputs:
     """One forward pass of ``model`` over prompt+completion; per-token outputs of the completion.
 
     Logits are divided by the sampling temperature, so that the log-probs (and the entropy)
     are those of the distribution the completions were sampled from.
 
-    ``share_prompts``: where rows repeat a prompt (the G samples of a group) or all prompts start
-    alike (a system prompt), and the model allows it (``_cache_argument``), each distinct prompt
-    and the common prefix are run once and their KV caches shared (``_shared_prompt_forward``)
-    if that feeds fewer tokens (``tokens_fed``); with chat prompts several times longer than the
-    answers, that is most of a training pass's tokens. Otherwise every row runs whole. Whether
-    it pays for a model at all is ``shares_prompts``'s to say.
+    ``packing``: the model's ``packing_cost``, to run the rows packed (``pack``: each distinct
+    prompt and the prefix all prompts start with once, no padding) where that costs less
+    (``_plan``); with chat prompts several times longer than the answers, shared prompts are
+    most of a training pass's tokens. None: every row runs whole.
     """
     P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-    plan = _prompt_plan(rollout) if share_prompts and _cache_argument(model) else None
-    shared = None if plan is None else _shared_tokens(rollout, plan)
-    if shared is not None and shared < len(rollout) * (P + T):
-        logits, states = _shared_prompt_forward(model, rollout, plan, hidden)
+    _, packed = _plan(rollout, packing)
+    if packed is not None:
+        logits, states = _packed_forward(model, rollout, packed, hidden)
     else:
         inputs = rollout.model_inputs()
         if _keeps_logits(model):

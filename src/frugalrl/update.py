@@ -37,7 +37,7 @@ from frugalrl.config import Config
 from frugalrl.distributed import Dist
 from frugalrl.losses import LossInputs, LossNorm, build_terms
 from frugalrl.profiling import phase
-from frugalrl.rollout import Rollout, eval_mode, forward_completions, prompt_groups, shares_prompts, tokens_fed
+from frugalrl.rollout import Rollout, eval_mode, forward_completions, packing_cost, prompt_groups, tokens_fed
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -100,14 +100,15 @@ class Learner:
         self.loss = self.terms[0]
         self.reference = reference_policy(model) if self._any("needs_reference") else None
         self.need_old = self._any("needs_old_logprobs")
-        self.share = cfg.train.share_prompts and shares_prompts(model)
+        # what attention costs the policy where it may run packed rows (None: whole rows)
+        self.packing = packing_cost(model) if cfg.train.share_prompts else None
         # what ``_loss`` reports, fixed up front: ranks sum them even when one had no sample
         self.metric_names = list(dict.fromkeys(name for term in self.terms for name in term.metric_names))
 
     def _forward(self, model, part: Rollout, **outputs):
-        """``forward_completions`` of ``model`` over ``part`` at the sampling temperature, each
-        shared prompt run once where ``train.share_prompts`` asks and it pays (``shares_prompts``)."""
-        return forward_completions(model, part, self.cfg.rollout.temperature, share_prompts=self.share, **outputs)
+        """``forward_completions`` of ``model`` over ``part`` at the sampling temperature, packed (each
+        shared prompt run once) where ``train.share_prompts`` asks and that costs less."""
+        return forward_completions(model, part, self.cfg.rollout.temperature, packing=self.packing, **outputs)
 
     def _any(self, need: str) -> bool:
         return any(getattr(term, need) for term in self.terms)
@@ -287,9 +288,9 @@ class Learner:
         train.strategy=fsdp, as many ``None`` as this rank has fewer than the rank with the most.
 
         The samples are taken in order of length, so that each micro-batch, trimmed to its longest
-        sequence, carries little padding: in order of prompt+completion length, or, where prompts
-        are shared (``self.share``), in order of prompt length, then prompt, then completion length
-        where that feeds fewer tokens (``rollout.tokens_fed``): it keeps a group's samples
+        sequence, carries little padding: in order of prompt+completion length, or, where rows may
+        run packed (``self.packing``), in order of prompt length, then prompt, then completion
+        length where that costs less (``rollout.tokens_fed``): it keeps a group's samples
         together, so that their prompt runs once. The sum of the gradients is the same in any
         order, up to round-off.
 
@@ -298,15 +299,15 @@ class Learner:
         the ranks keep different numbers of samples, so a rank with fewer micro-batches makes
         dummy passes (a sample of its rollout, zero loss, outputs dropped) to match.
         """
-        share, size = self.share, self.cfg.train.micro_batch
+        packing, size = self.packing, self.cfg.train.micro_batch
         prompt, completion = rollout.prompt_mask.sum(1)[index], rollout.completion_mask.sum(1)[index]
         orders = [[prompt + completion]]
-        if share:
+        if packing is not None:
             orders.append([completion, prompt_groups(rollout)[1][index], prompt])  # the last key is the primary
         splits = [_micro_batches(index[_lexsort(keys)], size) for keys in orders]
         # the cheaper order, where there are two to choose from
         batches = list(splits[0] if len(splits) == 1 else min(
-            splits, key=lambda split: sum(tokens_fed(rollout.select(b).trimmed(), share) for b in split)))
+            splits, key=lambda split: sum(tokens_fed(rollout.select(b).trimmed(), packing) for b in split)))
         if not self.sharded:
             return batches
         most = int(self.dist.max([len(batches)])[0])
