@@ -251,7 +251,8 @@ class Packed:
         p, r = self.prompt_of, self.row_of
         sees = ((pos[None, :] <= pos[:, None]) & ((p[None, :] == -1) | (p[None, :] == p[:, None]))
                 & ((r[None, :] == -1) | (r[None, :] == r[:, None])))
-        return torch.zeros(L, L, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)[None, None]
+        blocked = torch.zeros(L, L, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)
+        return blocked[None, None]
 
 
 def pack(rollout: Rollout) -> Packed:
@@ -259,29 +260,32 @@ def pack(rollout: Rollout) -> Packed:
     the prefix every distinct prompt starts with, ``fastgen.shared_prefix``)."""
     first, inverse = prompt_groups(rollout)
     prompts = rollout.select(first)
-    ids, real = prompts.prompt_ids, prompts.prompt_mask.bool()
-    at = real.long().cumsum(1) - 1  # each prompt token's position in its prompt
-    lengths = real.sum(1)
+    ids, real = prompts.prompt_ids, prompts.prompt_mask.bool()  # (U, P), left-padded
+    device = ids.device
+    at = real.long().cumsum(1) - 1  # a prompt token's position in its prompt
     n = fastgen.shared_prefix(ids, real)
-    rest = real & (at >= n)
-    u = torch.arange(len(first), device=ids.device)[:, None].expand_as(ids)
-    done = rest.sum(1).cumsum(0)  # packed tokens up to each prompt's end, the prefix left out
-    feed = rollout.completion_mask[:, 1:].bool()  # a completion's last token predicts nothing
-    rows = torch.arange(len(rollout), device=ids.device)[:, None].expand_as(feed)
-    k = torch.arange(feed.shape[1], device=ids.device)[None].expand_as(feed)
-    start = n + int(done[-1])  # where completions begin
-    fed_before = feed.sum(1).cumsum(0) - feed.sum(1)  # each row's first completion token, after start
-    minus = torch.full((n,), -1, dtype=torch.long, device=ids.device)
+    # 1. the shared prefix, taken from the first prompt
+    prefix = real[0] & (at[0] < n)
+    # 2. each distinct prompt's own tokens, prompt after prompt
+    own = real & (at >= n)
+    ends = n + own.sum(1).cumsum(0) - 1  # (U,) the packed index of each prompt's last token
+    # 3. each row's completion but its last token, which predicts nothing
+    fed = rollout.completion_mask[:, 1:].bool()  # (N, T - 1)
+    col = torch.arange(fed.shape[1], device=device).expand_as(fed)
+    counts = fed.sum(1)
+    starts = int(ends[-1]) + 1 + counts.cumsum(0) - counts  # (N,) the packed index of each row's first
+    # completion token t of a row is predicted by its prompt's last token (t = 0), else by its token t - 1
     comp = rollout.completion_mask.bool()
-    ck = torch.arange(comp.shape[1], device=ids.device)[None].expand_as(comp)
-    prompt_end = (n + done - 1)[inverse][:, None].expand_as(comp)  # predicts completion token 0
-    keep = torch.where(ck == 0, prompt_end, start + fed_before[:, None] + ck - 1)[comp]
+    t = torch.arange(comp.shape[1], device=device).expand_as(comp)
+    keep = torch.where(t == 0, ends[inverse][:, None], starts[:, None] + t - 1)[comp]
+    rows = torch.arange(len(rollout), device=device)[:, None].expand_as(fed)
+    of_prompt = torch.arange(len(first), device=device)[:, None].expand_as(ids)
     return Packed(
-        input_ids=torch.cat([ids[0][real[0] & (at[0] < n)], ids[rest], rollout.completion_ids[:, :-1][feed]])[None],
-        position_ids=torch.cat([torch.arange(n, device=ids.device), at[rest],
-                                (lengths[inverse][:, None] + k)[feed]])[None],
-        prompt_of=torch.cat([minus, u[rest], inverse[:, None].expand_as(feed)[feed]]),
-        row_of=torch.cat([minus, torch.full_like(u[rest], -1), rows[feed]]),
+        input_ids=torch.cat([ids[0][prefix], ids[own], rollout.completion_ids[:, :-1][fed]])[None],
+        position_ids=torch.cat([at[0][prefix], at[own], (real.sum(1)[inverse][:, None] + col)[fed]])[None],
+        prompt_of=torch.cat([torch.full((n,), -1, device=device), of_prompt[own],
+                             inverse[:, None].expand_as(fed)[fed]]),
+        row_of=torch.cat([torch.full((int(ends[-1]) + 1,), -1, device=device), rows[fed]]),
         keep=keep)
 
 
