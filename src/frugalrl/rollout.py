@@ -294,15 +294,24 @@ def packing_cost(model) -> float | None:
     weights (4 x d x layers FLOPs against 2 x its non-embedding parameters; d = heads x head size):
     the weight of attention in ``tokens_fed``. None where ``model`` cannot take a packed sequence
     (an attention kernel that ignores a 4D mask, such as flash-attention, or no ``logits_to_keep``)."""
-    inner = _inner(model)
-    config = inner.config
+    config = _inner(model).config
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or not _keeps_logits(model):
         return None
+    return 2 * attention_width(config) * config.num_hidden_layers / non_embedding_params(model)
+
+
+def non_embedding_params(model) -> int:
+    """Parameters of ``model`` (or the model inside a wrapper) but its input and output embeddings
+    (a tied pair counted once): what a token's pass through the layers multiplies."""
+    inner = _inner(model)
     embeddings = {id(m.weight) for m in (inner.get_input_embeddings(), inner.get_output_embeddings()) if m is not None}
-    params = sum(p.numel() for p in inner.parameters() if id(p) not in embeddings)
+    return sum(p.numel() for p in inner.parameters() if id(p) not in embeddings)
+
+
+def attention_width(config) -> int:
+    """d = heads x head size: a query-key product and a value sum cost 2 x d FLOPs each, a layer."""
     heads = config.num_attention_heads
-    d = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return 2 * d * config.num_hidden_layers / params
+    return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def _plan(rollout: Rollout, packing: float | None) -> tuple[float, Packed | None]:

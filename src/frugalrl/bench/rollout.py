@@ -52,7 +52,7 @@ from frugalrl import fastgen
 from frugalrl.bench.options import RolloutOptions
 from frugalrl.bench.report import fmt, publish, table
 from frugalrl.config import Config
-from frugalrl.rollout import encode_prompts, forward_completions, make_rollout
+from frugalrl.rollout import attention_width, encode_prompts, forward_completions, make_rollout, non_embedding_params
 from frugalrl.trainer import load_inputs, set_seed
 
 TRAIN_DEFAULTS: list[str] = []
@@ -80,12 +80,9 @@ def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, repeats: int 
 def flops_per_token(model, context: float) -> float:
     """FLOPs of one decode step of one sequence attending over ``context`` positions."""
     c = model.config
-    embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    params = sum(p.numel() for p in model.parameters())
-    non_embedding = params - embed.numel() - (0 if head is embed else head.numel())
-    width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    return 2 * non_embedding + 2 * head.numel() + 4 * c.num_hidden_layers * width * context
+    return (2 * non_embedding_params(model) + 2 * head.numel()
+            + 4 * c.num_hidden_layers * attention_width(c) * context)
 
 
 def prefilled_tokens(ids: torch.Tensor, mask: torch.Tensor) -> int:
