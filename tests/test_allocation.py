@@ -21,7 +21,7 @@ from frugalrl.allocation import (Allocator, allocate_budget, calibration_gap, ke
 from frugalrl.config import ConfigError, load_config
 from frugalrl.data import PromptSampler
 from frugalrl.history import PromptHistory
-from frugalrl.passrate import (STRENGTHS, PassRateEstimator, PassRates, all_equal_probability, fit_prior,
+from frugalrl.passrate import (START, STRENGTHS, PassRateEstimator, PassRates, all_equal_probability, fit_prior,
                                log_predictive)
 from test_resume import COMPARED, _kill, _overrides, _resume, _rows, _run_until_hang
 from test_train import _toy_task
@@ -72,16 +72,34 @@ def test_kae_reads_a_shared_history_that_its_owner_records():
 
 # --- pass rates ------------------------------------------------------------------------------
 
-def test_pass_rate_posterior_weighs_visits_by_recency():
+def test_pass_rate_posterior_weighs_visits_by_age_in_steps():
     h = PromptHistory()
-    h.record(["x"] * 4, [1.0, 0.0, 0.0, 0.0], 1)   # older visit: weight exp(-1/2)
-    h.record(["x"] * 2, [1.0, 1.0], 5)             # newest visit: weight 1
-    rates = PassRateEstimator(h, strength=2.0, visits=2.0).estimate(["x", "new"])
-    pop, w = h.population, math.exp(-0.5)
-    s, n = 2 + w * 1, 2 + w * 4
+    est = PassRateEstimator(h, strength=2.0, memory=4.0)
+    est.record(["x"] * 4, [1.0, 0.0, 0.0, 0.0], 1)   # read at step 6: 5 steps old, weight exp(-5/4)
+    est.record(["x"] * 2, [1.0, 1.0], 5)             # 1 step old, weight exp(-1/4)
+    rates = est.estimate(["x", "new"])
+    assert est.now == 6
+    pop, old, new = h.population, math.exp(-5 / 4), math.exp(-1 / 4)
+    s, n = 2 * new + 1 * old, 2 * new + 4 * old
     np.testing.assert_allclose(rates.alpha, [2 * pop + s, 2 * pop])
     np.testing.assert_allclose(rates.beta, [2 * (1 - pop) + n - s, 2 * (1 - pop)])
     assert rates.samples[1] == 0 and rates.samples[0] == pytest.approx(n)
+
+
+def test_pass_rate_state_round_trips_and_an_older_state_is_refitted():
+    h = PromptHistory()
+    est = PassRateEstimator(h)
+    for step in (1, 2, 3):
+        est.record(["x"] * 4 + ["y"] * 4, [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0], step)
+    state = json.loads(json.dumps(est.state_dict()))
+    again = PassRateEstimator(h)
+    again.load_state_dict(state)
+    assert again.now == 4 and again.params == est.params and again.window == est.window
+    np.testing.assert_array_equal(again.estimate(["x", "y"]).alpha, est.estimate(["x", "y"]).alpha)
+    # written when a visit's weight came from its rank: kappa and tau start over, read at the next step
+    older = PassRateEstimator(h)
+    older.load_state_dict({"params": {"population": [0.7, 2.0]}, "window": [[[0.5], 4, 1.0, [], []]]})
+    assert older.now == 4 and older.params == {"population": [START["strength"], START["memory"]]} and older.window == []
 
 
 def test_cross_prompt_prior_borrows_from_similar_prompts():
@@ -137,7 +155,7 @@ def test_fitted_strength_recovers_the_simulated_population(kappa):
     rng, mu, M = np.random.default_rng(1), 0.4, 2048
     none = np.zeros((M, 1))
     fits = [np.log(fit_prior(np.full(M, mu), np.full(M, 4.0), rng.binomial(4, rng.beta(kappa * mu, kappa * (1 - mu), M))
-                             .astype(float), none, none, STRENGTHS, np.array([2.0]))[0]) for _ in range(20)]
+                             .astype(float), none, none, none, STRENGTHS, np.array([2.0]))[0]) for _ in range(20)]
     half_step = math.log(STRENGTHS[1] / STRENGTHS[0]) / 2
     assert abs(np.mean(fits) - math.log(kappa)) < 3 * np.std(fits) / math.sqrt(len(fits)) + half_step
 
@@ -182,13 +200,13 @@ def test_predictions_with_the_fitted_prior_are_calibrated_on_a_simulated_run():
     assert est.strength() < 2  # U-shaped: kappa near 1, not the start value
 
 
-def test_visit_bandwidth_is_fitted_to_how_fast_pass_rates_move():
-    """Pass rates that never change between visits give a wide visit kernel; pass rates redrawn at
-    every epoch with probability 1/2 (a policy that moves between visits) a narrow one."""
+def test_memory_is_fitted_to_how_fast_pass_rates_move():
+    """Pass rates that never change between visits give a long memory; pass rates redrawn at every
+    epoch (4 steps) with probability 1/2 (a policy that moves between visits) a short one."""
     pool = np.random.default_rng(3).beta(0.5, 0.5, 128)
     static, _ = _simulate(pool, 60, 32, 4, redraw=0.0)
     moving, _ = _simulate(pool, 60, 32, 4, redraw=0.5)
-    assert static.bandwidth() >= 8 and moving.bandwidth() <= 2
+    assert static.memory() >= 64 and moving.memory() <= 8
 
 
 def test_population_mean_is_not_biased_by_which_prompts_skip_rolls_out():
@@ -291,7 +309,7 @@ def test_budget_fills_the_prompts_worth_most_per_completion(estimator):
 
 def test_skip_probability_grows_with_evidence_and_respects_the_floor():
     h = PromptHistory()
-    est = PassRateEstimator(h, strength=2.0, visits=2.0)
+    est = PassRateEstimator(h, strength=2.0, memory=8.0)
     gain = get_estimator("rloo").expected_gain_terms
     h.record(["mid"] * 4, [1.0, 0.0, 1.0, 0.0], 1)
     q = []
@@ -326,7 +344,7 @@ def test_skip_never_starves_a_prompt_and_considers_every_prompt_drawn():
     drawn, more = [], sampler.more
     sampler.more = lambda n: drawn.append(n) or more(n)
     allocator = Allocator(rollout_options(allocation="skip", batch_prompts=2, skip_floor=0.2), sampler,
-                          PassRateEstimator(history, strength=2.0, visits=2.0),
+                          PassRateEstimator(history, strength=2.0, memory=8.0),
                           gain=get_estimator("rloo").expected_gain_terms, seed=0)
     seen = set()
     for _ in range(60):
@@ -459,5 +477,5 @@ def test_sigkill_and_resume_with_an_allocation_matches_uninterrupted(tmp_path, t
     assert _resume(monkeypatch, run_dir) == 0
     got, want = _steps(run_dir), _steps(reference)
     keys = (*COMPARED, "prompts_considered", "completions_per_prompt_max", "all_equal_predicted", "passrate_strength",
-            "passrate_visits", "kae_prior_weight_mean")
+            "passrate_memory", "kae_prior_weight_mean")
     assert [{k: r[k] for k in keys} for r in got] == [{k: r[k] for k in keys} for r in want]

@@ -258,7 +258,7 @@ class Allocator:
         prior's fit maximises it); the reliability bins (``_reliability_row``); at first visits, each
         tracked prior's Brier score ``prior_brier_<kind>`` (p0 against the group's mean reward, the
         same visits for every prior, so their ratio compares them) and ``first_visits``;
-        ``passrate_strength`` and ``passrate_visits``, the prior's kappa and h these predictions used.
+        ``passrate_strength`` and ``passrate_memory``, the prior's kappa and tau these predictions used.
         """
         plans = [plan for plan, _ in rounds]
         rewards = np.concatenate([r for _, r in rounds])
@@ -274,7 +274,7 @@ class Allocator:
                "prompts_skipped": float(sum(p.skipped for p in plans)), "prompts_rolled_out": float(len(counts)),
                "completions_per_prompt_mean": float(counts.mean()), "completions_per_prompt_max": float(counts.max()),
                "all_equal_predicted": float(predicted.mean()), "all_equal_realised": float(equal.mean()),
-               "passrate_strength": self.rates.strength(), "passrate_visits": self.rates.bandwidth(),
+               "passrate_strength": self.rates.strength(), "passrate_memory": self.rates.memory(),
                **_reliability_row(predicted, equal)}
         for name, visits in (("first", first), ("revisit", ~first)):
             if visits.any():

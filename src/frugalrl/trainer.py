@@ -180,7 +180,7 @@ def build_allocator(cfg: Config, sampler: PromptSampler, history: PromptHistory,
     ``algo.kae_prior``, whose posterior KAE's baselines then shrink toward (with its fitted kappa)."""
     ro, kae_prior = cfg.rollout, cfg.algo.kae_prior
     rates = PassRateEstimator(history, prior=ro.passrate_prior, kinds=[kae_prior] * (kae_prior != "none"),
-                              strength=ro.passrate_strength, visits=ro.passrate_visits, vstar_rates=stage_one,
+                              strength=ro.passrate_strength, memory=ro.passrate_memory, vstar_rates=stage_one,
                               embeddings=embeddings, neighbors=ro.prior_neighbors)
     if kae_prior != "none":
         estimator.use_prior(lambda ids: (rates.priors(ids, kae_prior), rates.strength(kae_prior)))
