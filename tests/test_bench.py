@@ -648,6 +648,18 @@ def test_budget_reads_crossings_between_readings():
     assert crossing(curve, 0.6, 0) is None
 
 
+def test_budget_reads_steps_to_target_from_the_samples_each_step_generated():
+    from frugalrl.bench.budget import steps_to
+    from frugalrl.bench.train import RunRecord
+
+    # dynamic sampling: steps generate 64, 96 and 64 completions; readings after steps 1, 2 and 3
+    rows = [{"step": 1, "samples": 64}, {"step": 2, "samples": 160}, {"step": 3, "samples": 224}]
+    run = RunRecord("dynamic", 0, [(0.0, 0, 0.1), (1.0, 64, 0.2), (2.0, 160, 0.4), (3.0, 224, 0.5)], 3.0, 4.0, 0,
+                    0, 0, 0)
+    assert steps_to(run, rows, 0.3) == pytest.approx(1.5) and steps_to(run, rows, 0.5) == 3
+    assert steps_to(run, rows, 0.05) == 0 and steps_to(run, rows, 0.6) is None
+
+
 def test_bench_budget(tmp_path, toy_options):
     from itertools import accumulate
     from pathlib import Path
@@ -663,7 +675,7 @@ def test_bench_budget(tmp_path, toy_options):
     # every key written, null where the run is missing or the target was met before training
     for key in ("budget_cross_time_to_target_ratio_vs_rloo", "dynamic_samples_to_target_ratio_vs_rloo",
                 "budget_time_to_target_ratio_vs_rloo", "prior_brier_ratio_cross_prompt_vs_population",
-                "all_equal_calibration_gap"):
+                "all_equal_calibration_gap", "dynamic_steps_to_target_ratio_vs_rloo"):
         assert {key, f"{key}_ci_low", f"{key}_ci_high"} <= summary.keys()
     assert summary["budget_time_to_target_ratio_vs_rloo"] is None  # budget not run
     assert summary["prior_brier_ratio_cross_prompt_vs_population"] > 0

@@ -20,7 +20,9 @@ Protocol of ``frugalrl bench budget``:
   it *generated* (dynamic sampling's dropped groups included) where its accuracy curve first
   reaches the target, read linearly between the reading before and the first reading at or
   above it (``crossing``): a reading every 10 steps would otherwise round every crossing up to
-  the next reading, and steps' worth of noise with it.
+  the next reading, and steps' worth of noise with it. ``dynamic_steps_to_target_ratio_vs_rloo``:
+  dynamic sampling's training steps to target over uniform's, the floor under skip's completions
+  ratio (a step of either trains the same completions; dynamic's hold only groups that differ).
 * Ratios per task (``summary.json`` keys end in ``TASKS[task]``'s suffix): each run's mean over
   seeds / uniform's (time and completions to target), with 95 % bootstrap intervals resampling
   seeds (paired); final accuracy as a paired difference (mean over seeds of run - uniform, t
@@ -98,6 +100,13 @@ def samples_to(record: RunRecord, target: float) -> float | None:
     return crossing(record.curve, target, 1)
 
 
+def steps_to(record: RunRecord, rows: list[dict], target: float) -> float | None:
+    """Training steps to ``target`` (``crossing``); ``rows``: the run's per-step metrics rows, whose
+    cumulative ``samples`` date each reading."""
+    step_of = {0: 0, **{r["samples"]: r["step"] for r in rows}}
+    return crossing([(step_of[s], s, accuracy) for _, s, accuracy in record.curve], target, 0)
+
+
 def step_gap(rows: list[dict]) -> tuple[float, float]:
     """(mean over steps of |all_equal_predicted - all_equal_realised|, the floor of that mean for
     calibrated predictions): a step's realised share is a mean of its m groups' outcomes, whose
@@ -152,6 +161,10 @@ def task_ratios(records: dict[str, list[RunRecord]], target: float, briers: list
         out[f"{label}_final_accuracy_delta_vs_rloo"] = _delta(records, label)
     out["budget_time_to_target_ratio_vs_dynamic_sampling"] = _paired(records, "budget", time_to, target,
                                                                       baseline="dynamic")
+    # dynamic sampling trains only groups that differ, what a skip that never erred would roll out
+    rows_of = {(r.label, r.seed): m for label in records for r, m in zip(records[label], metrics[label])}
+    out["dynamic_steps_to_target_ratio_vs_rloo"] = _paired(
+        records, "dynamic", lambda run, target: steps_to(run, rows_of[run.label, run.seed], target), target)
     known = [b for b in briers if b is not None]
     out["prior_brier_ratio_cross_prompt_vs_population"] = (
         (mean_ci(known), "") if known else (None, "budget_cross not run (or no first visits)"))
@@ -222,6 +235,15 @@ def _dash_vs_trl(cfg: Config, opts: BudgetOptions, console: Console) -> tuple[di
                f"`{key}`: **{estimate if estimate else f'n/a: {why}'}** (DASH reports "
                "0.17 on GPU).")
     return summary, section, [table(["run", "final accuracy", "time to target (s)", "training time (s)"], rows)]
+
+
+def _skip_floor(dynamic_steps: tuple[Estimate | None, str]) -> str:
+    """The page's sentence on the least completions ratio that skip can reach."""
+    estimate, why = dynamic_steps
+    return ("Dynamic sampling trains only groups whose rewards differ, the batch that a skip which never erred would "
+            f"roll out; it reached the target in {estimate if estimate else f'n/a ({why})'} of uniform's steps "
+            "(`dynamic_steps_to_target_ratio_vs_rloo`). Skip generates as many completions a step as uniform, so that "
+            "is about the least its completions ratio can be.")
 
 
 def _half_width(estimate: Estimate | None) -> str:
@@ -296,6 +318,7 @@ def run(cfg: Config, opts: BudgetOptions, command: str, console: Console) -> dic
             f"What it took: {len(opts.seeds)} seeds; {len(resolved) - wide} of the {len(resolved)} ratios with an "
             f"interval have a 95 % half-width within ±{RESOLUTION:g}.",
             table(["summary.json", "value", "95 % half-width", "aim"], claims),
+            _skip_floor(ratios["dynamic_steps_to_target_ratio_vs_rloo"]),
             f"![{task}](budget-{task}.png)",
             _calibration(task, metrics, results_dir / f"budget-{task}-calibration.png"),
         ]
