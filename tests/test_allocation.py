@@ -99,7 +99,8 @@ def test_pass_rate_state_round_trips_and_an_older_state_is_refitted():
     # written when a visit's weight came from its rank: kappa and tau start over, read at the next step
     older = PassRateEstimator(h)
     older.load_state_dict({"params": {"population": [0.7, 2.0]}, "window": [[[0.5], 4, 1.0, [], []]]})
-    assert older.now == 4 and older.params == {"population": [START["strength"], START["memory"]]} and older.window == []
+    assert older.now == 4 and older.window == []
+    assert older.params == {"population": [START["strength"], START["memory"]]}
 
 
 def test_cross_prompt_prior_borrows_from_similar_prompts():

@@ -95,8 +95,8 @@ class RolloutConfig(Section):
     skip_floor: Float = opt(0.1, "skip: the least chance that a considered prompt is rolled out", gt=0, le=1)
     passrate_prior: Literal["population", "vstar", "cross_prompt"] = opt("population", "prior of pass-rate estimates")
     passrate_strength: Float = opt(0.0, "weight of the prior in a pass-rate estimate, in samples (0 = fitted)", ge=0)
-    passrate_memory: Float = opt(0.0, "pass rate: a visit made s steps ago weighs exp(-s / this), in steps (0 = fitted)",
-                                 ge=0)
+    passrate_memory: Float = opt(0.0, "pass rate: a visit made s steps ago weighs exp(-s / this), in steps "
+                                 "(0 = fitted)", ge=0)
     prior_neighbors: Int = opt(32, "cross_prompt prior: similar prompts it averages", ge=1)
     dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: replace groups of all-equal rewards")
     dynamic_max_rounds: Int = opt(4, "dynamic_sampling: most rollout rounds per step", ge=1)

@@ -128,9 +128,10 @@ def log_predictive(alpha, beta, n, k) -> np.ndarray:
     return log_choose + beta_moment(alpha, beta, k.numpy(), (n - k).numpy(), log=True)
 
 
-def smooth_visits(visit_k: np.ndarray, visit_n: np.ndarray, ages: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """(s, n), each (...,): visits (..., V) of successes and samples, at ``ages`` (..., V) steps, weighed
-    exp(-age / tau)."""
+def smooth_visits(visit_k: np.ndarray, visit_n: np.ndarray, ages: np.ndarray,
+                  tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(s, n), each (...,): visits (..., V) of successes and samples, at ``ages`` (..., V) steps,
+    weighed exp(-age / tau)."""
     w = np.exp(-ages / tau)
     return (visit_k * w).sum(-1), (visit_n * w).sum(-1)
 
