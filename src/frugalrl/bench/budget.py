@@ -87,6 +87,7 @@ AIMS = {"budget_time_to_target_ratio_vs_rloo": "<= 0.6", "budget_samples_to_targ
         "budget_final_accuracy_delta_vs_rloo": ">= -0.01", "budget_time_to_target_ratio_vs_dynamic_sampling": "<= 0.8",
         "prior_brier_ratio_cross_prompt_vs_population": "<= 0.8", "skip_samples_to_target_ratio_vs_rloo": "<= 0.6",
         "skip_final_accuracy_delta_vs_rloo": ">= -0.01", "all_equal_calibration_gap": "<= 0.03"}
+FLOOR_KEY = "dynamic_steps_to_target_ratio_vs_rloo"  # the floor under skip's completions ratio
 RESOLUTION = 0.15  # the 95 % half-width a ratio should have to resolve a 20 % effect
 
 
@@ -163,7 +164,7 @@ def task_ratios(records: dict[str, list[RunRecord]], target: float, briers: list
                                                                       baseline="dynamic")
     # dynamic sampling trains only groups that differ, what a skip that never erred would roll out
     rows_of = {(r.label, r.seed): m for label in records for r, m in zip(records[label], metrics[label])}
-    out["dynamic_steps_to_target_ratio_vs_rloo"] = _paired(
+    out[FLOOR_KEY] = _paired(
         records, "dynamic", lambda run, target: steps_to(run, rows_of[run.label, run.seed], target), target)
     known = [b for b in briers if b is not None]
     out["prior_brier_ratio_cross_prompt_vs_population"] = (
@@ -237,13 +238,14 @@ def _dash_vs_trl(cfg: Config, opts: BudgetOptions, console: Console) -> tuple[di
     return summary, section, [table(["run", "final accuracy", "time to target (s)", "training time (s)"], rows)]
 
 
-def _skip_floor(dynamic_steps: tuple[Estimate | None, str]) -> str:
-    """The page's sentence on the least completions ratio that skip can reach."""
+def _skip_floor(dynamic_steps: tuple[Estimate | None, str], key: str) -> str:
+    """The page's sentence on the least completions ratio that skip can reach; ``key``: the figure's
+    summary key, with the task's suffix."""
     estimate, why = dynamic_steps
     return ("Dynamic sampling trains only groups whose rewards differ, the batch that a skip which never erred would "
             f"roll out; it reached the target in {estimate if estimate else f'n/a ({why})'} of uniform's steps "
-            "(`dynamic_steps_to_target_ratio_vs_rloo`). Skip generates as many completions a step as uniform, so that "
-            "is about the least its completions ratio can be.")
+            f"(`{key}`). Skip generates as many completions a step as uniform, so that is about the least its "
+            "completions ratio can be.")
 
 
 def _half_width(estimate: Estimate | None) -> str:
@@ -318,7 +320,7 @@ def run(cfg: Config, opts: BudgetOptions, command: str, console: Console) -> dic
             f"What it took: {len(opts.seeds)} seeds; {len(resolved) - wide} of the {len(resolved)} ratios with an "
             f"interval have a 95 % half-width within ±{RESOLUTION:g}.",
             table(["summary.json", "value", "95 % half-width", "aim"], claims),
-            _skip_floor(ratios["dynamic_steps_to_target_ratio_vs_rloo"]),
+            _skip_floor(ratios[FLOOR_KEY], FLOOR_KEY + suffix),
             f"![{task}](budget-{task}.png)",
             _calibration(task, metrics, results_dir / f"budget-{task}-calibration.png"),
         ]
